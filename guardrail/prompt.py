@@ -1,0 +1,123 @@
+"""The text of the guardrail prompt, split into the segments the engine lays out (SPEC §4.1).
+
+Segments: `S` (role, tasks, category list), `V` (video, inserted by the engine), `P_1..P_m` (one
+policy chunk per category), `Q` (output instructions), then one verdict probe per category
+(SPEC §4.4). This module builds plain text only: no chat template and no video tokens; the model
+adapter wraps the text in its chat template. The wording paraphrases SafeWatch's prompt
+(`reference/safewatch.md`). Every segment ends with a newline, so segments concatenate as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+from guardrail.errors import UsageError
+from guardrail.policy import PolicySet, category_key, render_chunk
+
+LAYOUTS = ("sequential", "parallel", "parallel_cached")
+
+SegmentKind = Literal["system", "video", "chunk", "question"]
+
+SAFE_EXPLANATION = "No safety violations were detected in the video."
+
+
+CHUNKS_OPEN = "<BEGIN HARMFUL CATEGORIES EXPLANATIONS>\n"
+CHUNKS_CLOSE = "<END HARMFUL CATEGORIES EXPLANATIONS>\n"
+
+
+@dataclass(frozen=True)
+class PromptText:
+    """The text of every prompt segment for one policy set; categories in the set's order."""
+
+    system: str  # S: role line, task list, category names
+    chunks: tuple[str, ...]  # P_1..P_m: render_chunk(c) per category
+    question: str  # Q: the output specification
+    probes: tuple[str, ...]  # per category: 'GUARDRAIL: {"C1(Sexual Content)":' (no trailing space)
+    keys: tuple[str, ...]  # per category: 'C1(Sexual Content)'
+
+
+class Segment(NamedTuple):
+    kind: SegmentKind
+    text: str  # for the video segment: the text around the video, split at VIDEO_SLOT
+
+
+VIDEO_SLOT = "\x00"  # where the video tokens go inside the video segment's text
+
+
+def build_prompt(policies: PolicySet) -> PromptText:
+    """The prompt text for a policy set; deterministic (equal sets give equal text)."""
+    keys = tuple(category_key(c) for c in policies.categories)
+    return PromptText(
+        system=_system(policies),
+        chunks=tuple(render_chunk(c) for c in policies.categories),
+        question=_question(keys),
+        probes=tuple(f'GUARDRAIL: {{"{key}":' for key in keys),
+        keys=keys,
+    )
+
+
+def prompt_segments(prompt: PromptText, layout: str) -> tuple[Segment, ...]:
+    """Segments in the order `layout` puts them (SPEC §4.1); probes are not included.
+
+    The explanations header and footer must sit right before and after the chunks, which are
+    parallel, so they join the sequential segment next to them: the video segment carries text
+    around the video tokens (split at VIDEO_SLOT), and each segment ends with a newline."""
+    check_layout(layout)
+    chunks = tuple(Segment("chunk", text) for text in prompt.chunks)
+    if layout == "parallel_cached":
+        return (
+            Segment("system", prompt.system + CHUNKS_OPEN),
+            *chunks,
+            Segment("video", CHUNKS_CLOSE + VIDEO_SLOT + "\n"),
+            Segment("question", prompt.question),
+        )
+    return (
+        Segment("system", prompt.system),
+        Segment("video", VIDEO_SLOT + "\n" + CHUNKS_OPEN),
+        *chunks,
+        Segment("question", CHUNKS_CLOSE + prompt.question),
+    )
+
+
+def render_prompt(prompt: PromptText, layout: str, video: str = "<video>") -> str:
+    """The full prompt text as the model sees it, `video` standing for the video tokens."""
+    return "".join(seg.text.replace(VIDEO_SLOT, video) for seg in prompt_segments(prompt, layout))
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise UsageError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
+    return layout
+
+
+def _system(policies: PolicySet) -> str:
+    names = "\n".join(f"{c.id}: {c.name}" for c in policies.categories)
+    return (
+        "You are a video guardrail model. You watch a video and judge it against a set of safety "
+        "policies: harmful categories, each with rules on what is blocked and what is allowed.\n"
+        "Your tasks:\n"
+        "1. Summarise the content of the video in one to three sentences, starting with "
+        '"DESCRIPTION:".\n'
+        "2. Analyse the video for each of the harmful categories below, following the blocked "
+        "and allowed rules of each category.\n"
+        "<BEGIN HARMFUL CATEGORIES>\n"
+        f"{names}\n"
+        "<END HARMFUL CATEGORIES>\n"
+    )
+
+
+def _question(keys: tuple[str, ...]) -> str:
+    listed = "\n".join(f'"{key}"' for key in keys)
+    return (
+        "Judge the video against every harmful category explained above. Answer in three parts, "
+        "in this order:\n"
+        '1. "DESCRIPTION:" followed by a short summary of the video.\n'
+        '2. "GUARDRAIL:" followed by a JSON object with one boolean per category, with exactly '
+        "these keys, in this order:\n"
+        f"{listed}\n"
+        "Set a category to true only if the video violates it, and only for the most relevant "
+        "categories. If the video is safe, set every category to false.\n"
+        '3. "EXPLANATION:" followed by why each flagged category applies, citing the specific '
+        f'rules the video violates. If nothing is flagged, write "{SAFE_EXPLANATION}"\n'
+    )

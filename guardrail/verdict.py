@@ -1,0 +1,165 @@
+"""The verdict a moderator gets back (SPEC §4.5), and a fail-closed parser of SafeWatch's answers.
+
+`Verdict` is the one output type of the engine: the CLI prints it, the HTTP service returns it,
+the bench writes it. `parse_answer` reads the free-text format SafeWatch-style models generate:
+
+    DESCRIPTION: <text>
+    GUARDRAIL: {"C1(Sexual Content)": false, ...}
+    EXPLANATION: <text>
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Mode = Literal["fast", "explain", "explain_flagged"]
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CategoryVerdict(_Schema):
+    id: str = Field(description="Category id from the policy set, e.g. 'C1'.")
+    name: str = Field(description="Category name from the policy set.")
+    flagged: bool = Field(description="score >= threshold.")
+    score: float = Field(ge=0.0, le=1.0, description="P(violated), calibrated where available.")
+    threshold: float = Field(gt=0.0, lt=1.0, description="Flagging threshold for this category.")
+
+
+class Segment(_Schema):
+    start_s: float = Field(ge=0.0, description="Window start in seconds.")
+    end_s: float = Field(ge=0.0, description="Window end in seconds.")
+    flagged_ids: list[str] = Field(description="Categories flagged in this window.")
+    scores: dict[str, float] = Field(description="Score per category id in this window.")
+
+
+class VideoSummary(_Schema):
+    duration_s: float = Field(ge=0.0)
+    frames_used: int = Field(ge=0, description="Frames the model saw, over all windows.")
+
+
+class Pruning(_Schema):
+    keep_ratio: float = Field(gt=0.0, le=1.0)
+    kept_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+
+
+class Timing(_Schema):
+    decode_video: float = 0.0
+    prefill: float = 0.0
+    verdict: float = 0.0
+    generate: float = 0.0
+    total: float = 0.0
+
+
+class Verdict(_Schema):
+    flagged: bool = Field(description="True when any category is flagged.")
+    categories: list[CategoryVerdict] = Field(description="Every category, in the set's order.")
+    description: str | None = Field(default=None, description="None in fast mode.")
+    explanation: str | None = Field(default=None, description="None in fast mode.")
+    segments: list[Segment] = Field(default_factory=list)
+    model: str
+    policy_set: str
+    layout: str
+    mode: Mode
+    video: VideoSummary
+    pruning: Pruning
+    timing_ms: Timing = Field(default_factory=Timing)
+
+    def flagged_ids(self) -> list[str]:
+        return [c.id for c in self.categories if c.flagged]
+
+    def scores(self) -> dict[str, float]:
+        return {c.id: c.score for c in self.categories}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing SafeWatch's free-text answer.
+
+@dataclass(frozen=True)
+class ParsedAnswer:
+    """What a free-text answer says. `ok` is False when it could not be read; then every
+    category is reported flagged (fail closed) and `reason` says why."""
+
+    ok: bool
+    flags: dict[str, bool]          # category id -> flagged
+    description: str | None
+    explanation: str | None
+    reason: str | None = None
+
+
+_BOOL = r"(true|false|yes|no|1|0)"
+_SECTION = re.compile(r"^\s*(description|guardrail|explanation)\s*[:：]\s*", re.I | re.M)
+
+
+def _sections(text: str) -> dict[str, str]:
+    """Split on DESCRIPTION:/GUARDRAIL:/EXPLANATION: headers; first occurrence of each wins."""
+    marks = [(m.group(1).lower(), m.start(), m.end()) for m in _SECTION.finditer(text)]
+    out: dict[str, str] = {}
+    for i, (name, _, end) in enumerate(marks):
+        stop = marks[i + 1][1] if i + 1 < len(marks) else len(text)
+        out.setdefault(name, text[end:stop].strip())
+    return out
+
+
+def _flag_for(text: str, cid: str, name: str) -> bool | None:
+    """SafeWatch's rule: the first `"Cid(Name)": bool` match (any case, any spacing), then a bare
+    `"Cid": bool` key; None when neither appears."""
+    full = re.escape(cid) + r"\s*\(\s*" + re.escape(name) + r"\s*\)"
+    for key in (full, re.escape(cid) + r"(?:\s*\([^\"]*\))?"):
+        m = re.search(r"[\"']?\s*" + key + r"\s*[\"']?\s*[:=]\s*[\"']?" + _BOOL + r"\b", text, re.I)
+        if m:
+            return m.group(1).lower() in ("true", "yes", "1")
+    return None
+
+
+def parse_answer(text: str, categories: list[tuple[str, str]]) -> ParsedAnswer:
+    """Read a SafeWatch-style answer for `categories` ([(id, name), ...]).
+
+    Tolerant of case, spacing, quotes, missing sections and extra text. Fails closed: when no
+    category key can be read at all, or the text is empty, every category is flagged and `ok` is
+    False. A key missing while others are present counts as not flagged (SafeWatch's rule).
+    """
+    if not text or not text.strip():
+        return _fail(categories, "empty answer")
+    parts = _sections(text)
+    verdict_text = parts.get("guardrail", text)
+    found = {cid: _flag_for(verdict_text, cid, name) for cid, name in categories}
+    if all(v is None for v in found.values()):
+        found = {cid: _flag_for(text, cid, name) for cid, name in categories}
+    if all(v is None for v in found.values()):
+        lowered = text.strip().lower()
+        if re.match(r"^(safe|unsafe)\b", lowered):
+            return _label_only(lowered, categories, parts)
+        return _fail(categories, "no category verdict found in the answer")
+    flags = {cid: bool(v) for cid, v in found.items()}
+    return ParsedAnswer(True, flags, parts.get("description"), parts.get("explanation"))
+
+
+def _label_only(lowered: str, categories: list[tuple[str, str]], parts: dict[str, str]):
+    """SafeWatch's label-only variant: `safe`, or `unsafe` + a comma-separated category list."""
+    if lowered.startswith("safe"):
+        return ParsedAnswer(True, {cid: False for cid, _ in categories}, None, None)
+    rest = lowered[len("unsafe"):]
+    flags = {
+        cid: bool(re.search(r"\b" + re.escape(cid.lower()) + r"\b", rest) or name.lower() in rest)
+        for cid, name in categories
+    }
+    if not any(flags.values()):
+        return _fail(categories, "answer says unsafe but names no category")
+    return ParsedAnswer(True, flags, None, None)
+
+
+def _fail(categories: list[tuple[str, str]], reason: str) -> ParsedAnswer:
+    return ParsedAnswer(False, {cid: True for cid, _ in categories}, None, None, reason)
+
+
+def guardrail_json(keys: list[str], flags: list[bool]) -> str:
+    """The GUARDRAIL object exactly as SafeWatch writes it (4-space indent, one key per line)."""
+    return json.dumps(dict(zip(keys, flags, strict=True)), indent=4, ensure_ascii=False)
