@@ -190,6 +190,24 @@ def load_policy(path: str | os.PathLike[str]) -> PolicySet:
     return load_policy_text(text, source)
 
 
+def load_policies(paths: list[str | os.PathLike[str]]) -> PolicySet:
+    """Load several policy files and combine them into one set (categories in file order, each
+    keeping its own threshold). Category ids must be unique across the files."""
+    sets = [load_policy(p) for p in paths]
+    if len(sets) == 1:
+        return sets[0]
+    seen: dict[str, str] = {}
+    categories = []
+    for path, pset in zip(paths, sets, strict=True):
+        for c in pset.categories:
+            if c.id in seen:
+                raise PolicyError(f"{os.fspath(path)}: category id {c.id!r} is also in {seen[c.id]}")
+            seen[c.id] = os.fspath(path)
+            categories.append(c.model_copy(update={"threshold": pset.threshold_of(c)}))
+    return PolicySet(name="-".join(s.name for s in sets), version=1, categories=categories,
+                     description="combined from " + ", ".join(os.fspath(p) for p in paths))
+
+
 def load_policy_text(text: str, source: str = "<string>") -> PolicySet:
     """Validate policy YAML text (`source` names it in messages); raises only PolicyError."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_POLICY_BYTES:

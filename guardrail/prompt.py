@@ -51,7 +51,7 @@ def build_prompt(policies: PolicySet) -> PromptText:
     return PromptText(
         system=_system(policies),
         chunks=tuple(render_chunk(c) for c in policies.categories),
-        question=_question(keys),
+        question=_question(tuple(category_key(c) for c in _canonical(policies))),
         probes=tuple(f'GUARDRAIL: {{"{key}":' for key in keys),
         keys=keys,
     )
@@ -91,8 +91,15 @@ def check_layout(layout: str) -> str:
     return layout
 
 
+def _canonical(policies: PolicySet) -> list:
+    """Categories sorted by id, for the text that lists them all (S and Q). Those segments are
+    shared by every chunk and probe, so listing in YAML order would make the verdict depend on
+    the order of the file, which PEPE exists to prevent (SPEC §4.2 invariant 1)."""
+    return sorted(policies.categories, key=lambda c: c.id)
+
+
 def _system(policies: PolicySet) -> str:
-    names = "\n".join(f"{c.id}: {c.name}" for c in policies.categories)
+    names = "\n".join(f"{c.id}: {c.name}" for c in _canonical(policies))
     return (
         "You are a video guardrail model. You watch a video and judge it against a set of safety "
         "policies: harmful categories, each with rules on what is blocked and what is allowed.\n"
@@ -114,7 +121,7 @@ def _question(keys: tuple[str, ...]) -> str:
         "in this order:\n"
         '1. "DESCRIPTION:" followed by a short summary of the video.\n'
         '2. "GUARDRAIL:" followed by a JSON object with one boolean per category, with exactly '
-        "these keys, in this order:\n"
+        "these keys:\n"
         f"{listed}\n"
         "Set a category to true only if the video violates it, and only for the most relevant "
         "categories. If the video is safe, set every category to false.\n"
