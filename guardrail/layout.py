@@ -140,20 +140,26 @@ def build_groups(layout: str, ordered: list[tuple[str, Segment]], probes: list[S
 def visibility(layout: Layout, q_index: torch.Tensor, k_index: torch.Tensor) -> torch.Tensor:
     """Which keys each query may attend to. `q_index` [Q] and `k_index` [K] are token indices
     into `layout` (the keys are whatever the KV cache holds plus the new tokens, in cache order,
-    so evicted tokens simply do not appear). Returns [Q, K] bool.
+    so evicted tokens simply do not appear); -1 marks padding, which sees and is seen by
+    nothing. Returns [Q, K] bool.
 
     Rule: key k is visible to query q when k's group comes before q's group, or k is in q's own
     segment at or before q."""
-    gq, gk = layout.group_of[q_index], layout.group_of[k_index]
-    sq, sk = layout.segment_of[q_index], layout.segment_of[k_index]
+    q, k = q_index.clamp(min=0), k_index.clamp(min=0)
+    gq, gk = layout.group_of[q], layout.group_of[k]
+    sq, sk = layout.segment_of[q], layout.segment_of[k]
     earlier_group = gk[None, :] < gq[:, None]
-    same_segment_causal = (sk[None, :] == sq[:, None]) & (k_index[None, :] <= q_index[:, None])
-    return earlier_group | same_segment_causal
+    same_segment_causal = (sk[None, :] == sq[:, None]) & (k[None, :] <= q[:, None])
+    real = (q_index >= 0)[:, None] & (k_index >= 0)[None, :]
+    return (earlier_group | same_segment_causal) & real
 
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[Q, K] bool -> [1, 1, Q, K] additive float mask (0 allowed, finfo.min blocked).
-    NOTE: never a bool mask: under eager attention transformers runs it and gives wrong logits."""
+    """[Q, K] or [B, Q, K] bool -> [B or 1, 1, Q, K] additive float mask (0 allowed, finfo.min
+    blocked). NOTE: never a bool mask: under eager attention transformers runs it and gives wrong
+    logits. finfo.min rather than -inf keeps fully masked (padding) rows finite."""
     mask = torch.zeros(visible.shape, dtype=dtype)
     mask.masked_fill_(~visible, torch.finfo(dtype).min)
-    return mask[None, None]
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(-3)
+    return mask

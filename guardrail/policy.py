@@ -201,7 +201,8 @@ def load_policies(paths: list[str | os.PathLike[str]]) -> PolicySet:
     for path, pset in zip(paths, sets, strict=True):
         for c in pset.categories:
             if c.id in seen:
-                raise PolicyError(f"{os.fspath(path)}: category id {c.id!r} is also in {seen[c.id]}")
+                raise PolicyError(
+                    f"{os.fspath(path)}: category id {c.id!r} is also in {seen[c.id]}")
             seen[c.id] = os.fspath(path)
             categories.append(c.model_copy(update={"threshold": pset.threshold_of(c)}))
     return PolicySet(name="-".join(s.name for s in sets), version=1, categories=categories,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -77,6 +77,58 @@ class Verdict(_Schema):
 
     def scores(self) -> dict[str, float]:
         return {c.id: c.score for c in self.categories}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a verdict from per-window scores.
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """What the engine found in one window."""
+
+    scores: torch.Tensor        # [m] fp32, one per category in set order
+    total_tokens: int           # video tokens in the window
+    kept_tokens: int            # after pruning
+    prefill_ms: float
+    verdict_ms: float
+    prep_ms: float
+
+
+def build_verdict(policies: Any, thresholds: list[float], video: Any,
+                  results: list[WindowResult], scores: torch.Tensor, flags: list[bool],
+                  text: Any, *, model: str, layout: str, mode: str, keep_ratio: float,
+                  decode_ms: float, generate_ms: float, total_ms: float) -> Verdict:
+    """The SPEC §4.5 verdict of one video from its windows (in time order)."""
+    cats = policies.categories
+    categories = [
+        CategoryVerdict(id=c.id, name=c.name, flagged=f, score=s, threshold=t)
+        for c, s, f, t in zip(cats, scores.tolist(), flags, thresholds, strict=True)
+    ]
+    segments = []
+    for clip, res in zip(video.clips, results, strict=True):
+        win = dict(zip([c.id for c in cats], res.scores.tolist(), strict=True))
+        segments.append(Segment(
+            start_s=clip.window.start_s, end_s=clip.window.end_s, scores=win,
+            flagged_ids=[c.id for c, t in zip(cats, thresholds, strict=True) if win[c.id] >= t]))
+    return Verdict(
+        flagged=any(flags), categories=categories,
+        description=text.description if text else None,
+        explanation=text.explanation if text else None,
+        segments=segments, model=model, policy_set=policies.name, layout=layout, mode=mode,
+        video=VideoSummary(duration_s=video.info.duration_s,
+                           frames_used=sum(len(c.window.indices) for c in video.clips)),
+        pruning=Pruning(keep_ratio=keep_ratio, kept_tokens=sum(r.kept_tokens for r in results),
+                        total_tokens=sum(r.total_tokens for r in results)),
+        timing_ms=Timing(
+            decode_video=decode_ms + sum(r.prep_ms for r in results),
+            prefill=sum(r.prefill_ms for r in results),
+            verdict=sum(r.verdict_ms for r in results),
+            generate=generate_ms, total=total_ms),
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -109,3 +109,10 @@ def test_concat_offsets_parts_by_advance():
     assert seg.rel_pos[0].tolist() == [0, 1, 2, 2, 2, 2, 4]
     assert seg.rel_pos[1].tolist() == [0, 1, 2, 2, 3, 3, 4]
     assert seg.advance == 5
+
+
+def test_visibility_padding_sees_nothing():
+    s, v, chunks, q, probes = _segs()
+    lay = plan(_groups("parallel", s, v, chunks, q, probes))
+    vis = visibility(lay, torch.tensor([3, -1]), torch.tensor([0, -1, 1, 2, 3]))
+    assert vis.tolist() == [[True, False, True, True, True], [False] * 5]

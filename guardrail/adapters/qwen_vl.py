@@ -1,0 +1,131 @@
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: one adapter, since transformers gives the three families
+the same surface (official processor, `get_rope_index`, a language model taking 3-D positions).
+
+What differs is data, not code: Qwen2.5-VL scales temporal ids by `second_per_grid_ts`, Qwen3-VL
+puts per-frame timestamp text inside the video segment and adds DeepStack features at early
+layers. The processor and `get_rope_index` handle the first two; the third arrives as
+`deepstack_features` from the visual encoder and is passed to the language model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+from transformers.video_utils import VideoMetadata
+
+from guardrail.adapters.attention import AttentionCapture
+from guardrail.adapters.base import VideoInputs, VisualFeatures
+from guardrail.video import Clip
+
+_SENTINEL = "\u2063GUARDRAIL_MESSAGE\u2063"
+
+
+class QwenVLAdapter:
+    rows = 3
+
+    def __init__(self, model: Any, processor: Any, name: str):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.name = name
+        self.family = model.config.model_type
+        self._lm = model.model.language_model
+        lm_params = inspect.signature(self._lm.forward).parameters
+        # NOTE: transformers 5.2x renamed `past_key_values` to `cache`; 5.17 knows only the old one.
+        self._cache_kw = "cache" if "cache" in lm_params else "past_key_values"
+        self._deepstack = "deepstack_visual_embeds" in lm_params
+        self._rope_params = set(inspect.signature(model.model.get_rope_index).parameters)
+        self._video_token_id = model.config.video_token_id
+        self.capture = AttentionCapture(self._lm)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def chat_frame(self) -> tuple[str, str]:
+        messages = [{"role": "user", "content": [{"type": "text", "text": _SENTINEL}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=False)
+        before, after = text.split(_SENTINEL)
+        return before, after
+
+    def video_inputs(self, clip: Clip) -> VideoInputs:
+        win = clip.window
+        window_frames = max(len(win.indices), round((win.end_s - win.start_s) * clip.fps))
+        meta = VideoMetadata(
+            total_num_frames=window_frames, fps=clip.fps,
+            height=clip.frames.shape[1], width=clip.frames.shape[2],
+            duration=win.end_s - win.start_s, frames_indices=list(win.indices),
+        )
+        # Video segment plus one trailing text token: its position tells the segment's advance.
+        start, pad, end = self._video_marks()
+        tail = self.encode_text("\n")[0]
+        out = self.processor(
+            text=[start + pad + end], videos=[clip.frames], video_metadata=[meta],
+            do_sample_frames=False, return_tensors="pt",
+        )
+        ids = torch.cat([out["input_ids"][0], torch.tensor([tail])])
+        types = torch.cat([out["mm_token_type_ids"][0], torch.zeros(1, dtype=torch.long)])
+        rope_kwargs = {k: v for k, v in out.items()
+                       if k in self._rope_params
+                       and k not in ("input_ids", "mm_token_type_ids", "attention_mask")}
+        pos, _ = self.model.model.get_rope_index(ids[None], mm_token_type_ids=types[None],
+                                                 **rope_kwargs)
+        pos = pos[:, 0]                                          # [3, L + 1]
+        encoder_inputs = {k: out[k] for k in ("pixel_values_videos", "video_grid_thw")}
+        return VideoInputs(
+            ids=ids[:-1], rel_pos=pos[:, :-1].contiguous(), advance=int(pos[0, -1]),
+            visual=ids[:-1] == self._video_token_id, encoder_inputs=encoder_inputs,
+        )
+
+    def _video_marks(self) -> tuple[str, str, str]:
+        p = self.processor
+        start = getattr(p, "vision_start_token", None) or "<|vision_start|>"
+        end = getattr(p, "vision_end_token", None) or "<|vision_end|>"
+        return start, p.video_token, end
+
+    @torch.inference_mode()
+    def visual_features(self, video: VideoInputs) -> VisualFeatures:
+        pixels = video.encoder_inputs["pixel_values_videos"].to(self.device)
+        grid = video.encoder_inputs["video_grid_thw"].to(self.device)
+        out = self.model.model.get_video_features(pixels, grid, return_dict=True)
+        embeds = _cat(out.pooler_output).to(self.dtype)
+        deepstack = tuple(_cat(d).to(self.dtype) for d in (getattr(out, "deepstack_features", None)
+                                                           or ()))
+        assert embeds.shape[0] == video.num_visual, (
+            f"encoder gave {embeds.shape[0]} visual embeddings for {video.num_visual} tokens")
+        return VisualFeatures(embeds, deepstack if self._deepstack else ())
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    @torch.inference_mode()
+    def forward(self, embeds, positions, mask, cache, visual=None, deepstack=()):
+        kwargs: dict[str, Any] = {self._cache_kw: cache}
+        if deepstack and visual is not None and bool(visual.any()):
+            kwargs.update(visual_pos_masks=visual.to(self.device),
+                          deepstack_visual_embeds=list(deepstack))
+        out = self._lm(inputs_embeds=embeds, position_ids=positions.to(self.device),
+                       attention_mask=mask.to(self.device, self.dtype), use_cache=True, **kwargs)
+        return out.last_hidden_state
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.model.config.get_text_config())
+
+
+def _cat(x: Any) -> torch.Tensor:
+    return torch.cat(list(x), dim=0) if isinstance(x, (list, tuple)) else x

@@ -1,0 +1,264 @@
+"""The `guardrail` command line (SPEC §5). Exit codes: 0 ran, 2 bad usage or policy, 3 bad video.
+
+Every command turns a `GuardrailError` into one line on stderr and its exit code; nothing a
+user can cause ends in a traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from guardrail.errors import GuardrailError, PolicyError, UsageError, VideoError
+from guardrail.layout import LAYOUTS
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Video safety guardrail: judge videos against policy YAML.")
+policy_app = typer.Typer(no_args_is_help=True, help="Author and check policy sets.")
+video_app = typer.Typer(no_args_is_help=True, help="Inspect what the model will see.")
+model_app = typer.Typer(no_args_is_help=True, help="Make and convert models.")
+app.add_typer(policy_app, name="policy")
+app.add_typer(video_app, name="video")
+app.add_typer(model_app, name="model")
+
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def _fail(error: GuardrailError, where: str | None = None) -> typer.Exit:
+    prefix = f"{where}: " if where else ""
+    for line in getattr(error, "messages", None) or [str(error)]:
+        err.print(f"{prefix}{line}", markup=False, soft_wrap=True)
+    return typer.Exit(error.exit_code)
+
+
+def guarded(fn):
+    """Map guardrail's typed errors to one stderr line and the error's exit code."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GuardrailError as error:
+            raise _fail(error) from None
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------- policy
+
+@policy_app.command("validate")
+@guarded
+def policy_validate(files: Annotated[list[Path], typer.Argument(help="Policy YAML files.")]):
+    """Check policy files; print `ok FILE`, or `file:line: key: message` lines and exit 2."""
+    from guardrail.policy import load_policy
+
+    failed = False
+    for path in files:
+        try:
+            pset = load_policy(path)
+        except PolicyError as error:
+            failed = True
+            for line in error.messages:
+                err.print(line, markup=False, soft_wrap=True)
+            continue
+        out.print(f"ok {path} ({pset.name} v{pset.version}, {len(pset.categories)} categories)",
+                  markup=False)
+    if failed:
+        raise typer.Exit(2)
+
+
+@policy_app.command("render")
+@guarded
+def policy_render(
+    file: Annotated[Path, typer.Argument(help="A policy YAML file.")],
+    layout: Annotated[str, typer.Option(help=f"One of {', '.join(LAYOUTS)}.")] = "parallel",
+):
+    """Print the policy chunks and the full prompt text as the model sees it."""
+    from guardrail.policy import load_policy
+    from guardrail.prompt import build_prompt, check_layout, render_prompt
+
+    check_layout(layout)
+    prompt = build_prompt(load_policy(file))
+    for i, chunk in enumerate(prompt.chunks, 1):
+        out.rule(f"chunk {i}/{len(prompt.chunks)}: {prompt.keys[i - 1]}", style="dim")
+        out.print(chunk, end="", markup=False)
+    out.rule(f"full prompt ({layout})", style="dim")
+    out.print(render_prompt(prompt, layout), end="", markup=False)
+    out.rule("verdict probes (one per category, parallel, at the answer position)", style="dim")
+    for probe in prompt.probes:
+        out.print(probe, markup=False)
+
+
+# ---------------------------------------------------------------------------------- video
+
+@video_app.command("probe")
+@guarded
+def video_probe(
+    video: Annotated[Path, typer.Argument(help="A video file.")],
+    frames: Annotated[int, typer.Option(help="Frames sampled per window (uniform).")] = 8,
+    window: Annotated[float | None, typer.Option(help="Window length in seconds.")] = None,
+    decoder: Annotated[str, typer.Option(help="auto | decord | pyav")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+):
+    """Show container, codec, duration, fps, size, and the sampled frames per window."""
+    from guardrail.video import SamplingConfig, plan_windows, probe
+
+    try:
+        info = probe(video, backend=decoder)
+        windows = plan_windows(info, SamplingConfig(num_frames=frames, window_s=window))
+    except VideoError as error:
+        raise _fail(error, str(video)) from None
+    if as_json:
+        data = {"video": str(video), **info.__dict__,
+                "windows": [{"start_s": w.start_s, "end_s": w.end_s, "indices": list(w.indices),
+                             "timestamps_s": list(w.timestamps_s)} for w in windows]}
+        print(json.dumps(data))
+        return
+    out.print(f"[bold]{video}[/]: {info.container} / {info.codec}, {info.width}x{info.height}, "
+              f"{info.duration_s:.2f} s at {info.fps:.2f} fps, {info.num_frames} frames, "
+              f"{info.num_bytes} bytes, decoder {info.backend}")
+    table = Table("window", "start_s", "end_s", "frame indices", "timestamps (s)")
+    for i, w in enumerate(windows):
+        table.add_row(str(i), f"{w.start_s:.2f}", f"{w.end_s:.2f}",
+                      " ".join(map(str, w.indices)),
+                      " ".join(f"{t:.2f}" for t in w.timestamps_s))
+    out.print(table)
+
+
+# ---------------------------------------------------------------------------------- model
+
+@model_app.command("make-tiny")
+@guarded
+def model_make_tiny(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write the model into.")],
+    family: Annotated[str, typer.Option(help="qwen2_5_vl | qwen2_vl | qwen3_vl")] = "qwen2_5_vl",
+    seed: Annotated[int, typer.Option(help="Weight seed; same seed, same files.")] = 0,
+):
+    """Write a tiny random model + tokenizer + processor (for tests and dry runs only)."""
+    from guardrail.tiny import make_tiny
+
+    path = make_tiny(out_dir, family, seed=seed)
+    out.print(f"wrote a tiny random {family} model to {path} (its verdicts are meaningless)")
+
+
+# ---------------------------------------------------------------------------------- check
+
+@app.command("check")
+@guarded
+def check(
+    videos: Annotated[list[Path], typer.Argument(help="Video files to judge.")],
+    model: Annotated[str | None, typer.Option(
+        help="Model directory or hub id (default: $GUARDRAIL_MODEL or Qwen2.5-VL-7B).")] = None,
+    policy: Annotated[list[Path] | None, typer.Option(
+        help="Policy YAML; repeat to combine sets (default policies/safewatch.yaml).")] = None,
+    mode: Annotated[str, typer.Option(help="fast | explain | explain_flagged")] = "fast",
+    layout: Annotated[str, typer.Option(help=f"One of {', '.join(LAYOUTS)}.")] = "parallel",
+    keep_ratio: Annotated[float, typer.Option(
+        help="Share of video tokens kept by policy-aware pruning; 1.0 = off.")] = 1.0,
+    pruning_mode: Annotated[str, typer.Option(help="kv | pre_prefill")] = "kv",
+    frames: Annotated[int, typer.Option(help="Frames per window.")] = 8,
+    window: Annotated[float | None, typer.Option(
+        help="Judge long videos in windows of this many seconds.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Bound on generated tokens.")] = 256,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:i]")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
+    decoder: Annotated[str, typer.Option(help="Video decoder: auto | decord | pyav")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON verdict per line.")] = False,
+):
+    """Judge each video against the policy set; print one verdict per video, in order."""
+    from guardrail.engine import GuardEngine
+    from guardrail.policy import load_policies
+    from guardrail.video import SamplingConfig, load_video
+
+    _quiet_transformers()
+    sampling = SamplingConfig(num_frames=frames, window_s=window)
+    pset = load_policies(policy) if policy else None
+    engine = GuardEngine.from_pretrained(
+        model, policies=pset, device=device, dtype=dtype, layout=layout, mode=mode,
+        keep_ratio=keep_ratio, pruning_mode=pruning_mode, batch_size=batch_size,
+        sampling=sampling, max_new_tokens=max_new_tokens, decoder=decoder)
+    bad = 0
+    with _progress(len(videos), enabled=not as_json and sys.stderr.isatty()) as step:
+        for start in range(0, len(videos), batch_size):
+            decoded = []
+            for path in videos[start: start + batch_size]:
+                try:
+                    decoded.append((path, load_video(path, sampling, engine.config.limits,
+                                                     decoder)))
+                except VideoError as error:
+                    bad += 1
+                    _fail(error, str(path))
+                    step()
+            verdicts = engine.check_batch([v for _, v in decoded]) if decoded else []
+            for (path, _), verdict in zip(decoded, verdicts, strict=True):
+                step()
+                if as_json:
+                    print(verdict.model_dump_json(), flush=True)
+                else:
+                    _print_verdict(path, verdict)
+    if bad:
+        raise typer.Exit(VideoError.exit_code)
+
+
+def _print_verdict(path: Path, verdict) -> None:
+    status = "[bold red]FLAGGED[/]" if verdict.flagged else "[bold green]ok[/]"
+    out.print(f"{path}: {status}  ({verdict.policy_set}, {verdict.layout}/{verdict.mode}, "
+              f"{verdict.video.frames_used} frames, {verdict.timing_ms.total:.0f} ms)")
+    table = Table("id", "category", "score", "threshold", "flagged")
+    for c in verdict.categories:
+        table.add_row(c.id, c.name, f"{c.score:.3f}", f"{c.threshold:.2f}",
+                      "[red]yes[/]" if c.flagged else "no")
+    out.print(table)
+    if len(verdict.segments) > 1:
+        for s in verdict.segments:
+            out.print(f"  {s.start_s:7.1f}-{s.end_s:7.1f} s  flagged: "
+                      f"{', '.join(s.flagged_ids) or '-'}", markup=False)
+    if verdict.description is not None:
+        out.print(f"DESCRIPTION: {verdict.description}", markup=False)
+        out.print(f"EXPLANATION: {verdict.explanation}", markup=False)
+
+
+class _progress:
+    """A rich progress bar on a terminal; nothing otherwise. `with _progress(n) as step:`"""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.bar = total, enabled and total > 1, None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import Progress
+            self.bar = Progress(console=err, transient=True)
+            self.bar.start()
+            task = self.bar.add_task("judging", total=self.total)
+            return lambda: self.bar.advance(task)
+        return lambda: None
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    try:
+        app()
+    except UsageError as error:
+        raise SystemExit(_fail(error).exit_code) from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,267 @@
+"""The engine: videos + a policy set in, `Verdict`s out (SPEC §4). Public API:
+
+    engine = GuardEngine.from_pretrained("/tmp/m", policies="policies/safewatch.yaml",
+                                         layout="parallel", mode="fast")
+    verdict = engine.check("clip.mp4")
+    verdicts = engine.check_batch(["a.mp4", "b.mp4"])
+
+Per batch of windows: the adapter turns frames into video inputs; the layout places the
+segments; one prefill fills the KV cache (under `parallel_cached` the policy chunks come from a
+cross-request cache); pruning drops video tokens; one more forward runs every category's verdict
+probe in parallel; explain mode then decodes text over the best window's cache.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+
+from guardrail.adapters import ModelAdapter, VideoInputs, create_adapter
+from guardrail.adapters.registry import resolve_placement
+from guardrail.chunk_cache import ChunkCache
+from guardrail.decode import Decoder, Explanation, explain
+from guardrail.errors import UsageError
+from guardrail.layout import LAYOUTS, Layout, Segment, build_groups, concat, plan, text_segment
+from guardrail.policy import PolicySet, load_policy
+from guardrail.prefill import prefill, prefix_kv
+from guardrail.probes import answer_tokens, probe_scores
+from guardrail.prompt import VIDEO_SLOT, build_prompt, prompt_segments
+from guardrail.pruning import PruningConfig
+from guardrail.runner import Batch, Item, batch_from_prefix
+from guardrail.verdict import Verdict, WindowResult, build_verdict
+from guardrail.video import SamplingConfig, Video, VideoLimits, VideoSource, load_video
+
+MODES = ("fast", "explain", "explain_flagged")
+DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "policies" / "safewatch.yaml"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    layout: str = "parallel"
+    mode: str = "fast"
+    max_new_tokens: int = 256
+    keep_ratio: float = 1.0        # PVTP; 1.0 = off
+    pruning_mode: str = "kv"       # kv | pre_prefill
+    pruning_layer: int = 2
+    batch_size: int = 8            # windows per forward pass in check_batch
+    chunk_cache: bool = True       # reuse policy-chunk KV across requests (parallel_cached)
+    chunk_cache_bytes: int = 1 << 30
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    limits: VideoLimits = field(default_factory=VideoLimits)
+    decoder: str = "auto"          # video decoder: auto | decord | pyav
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise UsageError(f"unknown layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}")
+        if self.mode not in MODES:
+            raise UsageError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise UsageError("max_new_tokens and batch_size must be at least 1")
+        self.pruning  # noqa: B018 - validates the pruning fields
+
+    @property
+    def pruning(self) -> PruningConfig:
+        return PruningConfig(self.keep_ratio, self.pruning_mode, self.pruning_layer)
+
+    @property
+    def cached_chunks(self) -> bool:
+        return self.layout == "parallel_cached" and self.chunk_cache
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """Token ids of the fixed prompt segments for one policy set, model and layout, in prompt
+    order; the video segment is (ids before the video, ids after it)."""
+
+    ordered: list[tuple[str, list[int] | tuple[list[int], list[int]]]]   # (kind, ids)
+    probes: list[list[int]]
+    keys: list[str]
+
+
+class GuardEngine:
+    """Judges videos against one policy set with one model. Not thread-safe (the chunk cache
+    is); use one engine per worker."""
+
+    def __init__(self, adapter: ModelAdapter, policies: PolicySet, config: EngineConfig,
+                 chunk_cache: ChunkCache | None = None):
+        self.adapter = adapter
+        self.policies = policies
+        self.config = config
+        self.chunks = chunk_cache if chunk_cache is not None else ChunkCache(
+            config.chunk_cache_bytes)
+        self.prompt = build_prompt(policies)
+        self.tokens = self._tokenize()
+        self.answer = answer_tokens(adapter.encode_text)
+        self.thresholds = [policies.threshold_of(c) for c in policies.categories]
+
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike | None = None,
+                        policies: str | os.PathLike | PolicySet | None = None,
+                        device: str = "auto", dtype: str = "auto", attn: str = "auto",
+                        **config) -> GuardEngine:
+        """Load `model` (a local directory, or a hub id where the network allows; default
+        $GUARDRAIL_MODEL or Qwen2.5-VL-7B-Instruct) and judge against `policies` (a YAML path
+        or a loaded set; default policies/safewatch.yaml). `config`: EngineConfig fields."""
+        unknown = set(config) - {f.name for f in fields(EngineConfig)}
+        if unknown:
+            raise UsageError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+        cfg = EngineConfig(**config)
+        pset = policies if isinstance(policies, PolicySet) else load_policy(
+            policies or DEFAULT_POLICY)
+        adapter = create_adapter(model, resolve_placement(device, dtype, attn))
+        return cls(adapter, pset, cfg)
+
+    def with_config(self, **changes) -> GuardEngine:
+        """The same model, policies and chunk cache with other settings (no reload)."""
+        return GuardEngine(self.adapter, self.policies, replace(self.config, **changes),
+                           self.chunks)
+
+    def with_policies(self, policies: PolicySet) -> GuardEngine:
+        return GuardEngine(self.adapter, policies, self.config, self.chunks)
+
+    # ------------------------------------------------------------------ public API
+
+    def check(self, video: VideoSource | Video) -> Verdict:
+        """Judge one video (a path, raw bytes, or an already decoded `Video`)."""
+        return self.check_batch([video])[0]
+
+    def check_batch(self, videos: Iterable[VideoSource | Video]) -> list[Verdict]:
+        """Judge several videos, `batch_size` windows per forward pass; verdicts in input order.
+        Bad input raises `VideoError` before any model work (decode first to handle it per
+        video)."""
+        t0 = time.perf_counter()
+        decoded, decode_ms = [], []
+        for v in videos:
+            t = time.perf_counter()
+            decoded.append(v if isinstance(v, Video) else load_video(
+                v, self.config.sampling, self.config.limits, self.config.decoder))
+            decode_ms.append((time.perf_counter() - t) * 1e3)
+        windows = [(i, clip) for i, video in enumerate(decoded) for clip in video.clips]
+        results: list[list[WindowResult]] = [[] for _ in decoded]
+        best: dict[int, tuple[float, Batch, int]] = {}
+        size = self.config.batch_size
+        for start in range(0, len(windows), size):
+            part = windows[start: start + size]
+            res, batch = self.judge([clip for _, clip in part])
+            for row, ((i, _), r) in enumerate(zip(part, res, strict=True)):
+                results[i].append(r)
+                top = float(r.scores.max())
+                if self.config.mode != "fast" and (i not in best or top > best[i][0]):
+                    best[i] = (top, batch, row)
+        verdicts = []
+        for i, video in enumerate(decoded):
+            scores = torch.stack([r.scores for r in results[i]]).amax(dim=0)          # [m]
+            flags = [float(s) >= t for s, t in zip(scores, self.thresholds, strict=True)]
+            text, gen_ms = None, 0.0
+            if self.config.mode == "explain" or (self.config.mode == "explain_flagged"
+                                                  and any(flags)):
+                t = time.perf_counter()
+                _, batch, row = best[i]
+                text = self._explain(batch, row, flags)
+                gen_ms = (time.perf_counter() - t) * 1e3
+            total = (time.perf_counter() - t0) * 1e3 / len(decoded)
+            verdicts.append(build_verdict(
+                self.policies, self.thresholds, video, results[i], scores, flags, text,
+                model=self.adapter.name, layout=self.config.layout, mode=self.config.mode,
+                keep_ratio=self.config.keep_ratio, decode_ms=decode_ms[i], generate_ms=gen_ms,
+                total_ms=total))
+        return verdicts
+
+    # ------------------------------------------------------------------ one batch of windows
+
+    def judge(self, clips: list) -> tuple[list[WindowResult], Batch]:
+        """Score every category on each window. Returns per-window results and the batch (its
+        cache holds each window's prompt without the probes, for explain mode)."""
+        t0 = time.perf_counter()
+        inputs = [self.adapter.video_inputs(c) for c in clips]
+        t1 = time.perf_counter()
+        items = []
+        for video in inputs:
+            lay, visual = self.layout(video)
+            items.append(Item(lay, visual, self.adapter.visual_features(video)))
+        batch, start = self._start(items)
+        kept = prefill(self, batch, start)
+        t2 = time.perf_counter()
+        first = items[0].probe_start
+        n_before = batch.slots.shape[1]
+        hidden, _ = batch.step([torch.arange(it.probe_start, it.layout.length) for it in items])
+        last = torch.tensor([items[0].layout.span(f"R{i}").stop - 1 - first
+                             for i in range(len(self.tokens.probes))])
+        logits = self.adapter.logits(hidden[:, last])                        # [B, m, V]
+        scores = [probe_scores(row, self.answer).cpu() for row in logits]
+        batch.truncate(n_before)
+        t3 = time.perf_counter()
+        share = 1.0 / len(clips)
+        results = [WindowResult(s, int(it.visual.sum()), k, (t2 - t1) * 1e3 * share,
+                                (t3 - t2) * 1e3 * share, (t1 - t0) * 1e3 * share)
+                   for s, it, k in zip(scores, items, kept, strict=True)]
+        return results, batch
+
+    def _start(self, items: list[Item]) -> tuple[Batch, int]:
+        """An empty batch, or under `parallel_cached` one holding the cached S + chunks prefix.
+        Returns the batch and the first layout index still to run."""
+        if not self.config.cached_chunks:
+            return Batch(self.adapter, items), 0
+        length = items[0].layout.span("V").start
+        return batch_from_prefix(self.adapter, items, prefix_kv(self, items[0]), length), length
+
+    def layout(self, video: VideoInputs) -> tuple[Layout, torch.Tensor]:
+        """Plan the prompt for one window. Returns the layout and its visual-token mask [T]."""
+        rows, ordered, n_chunks, offset = self.adapter.rows, [], 0, 0
+        for kind, ids in self.tokens.ordered:
+            if kind == "video":
+                before, after = ids
+                seg = concat("V", text_segment("", before, rows),
+                             Segment("video", video.ids, video.rel_pos[:rows], video.advance),
+                             text_segment("", after, rows))
+                offset = len(before)
+            elif kind == "chunk":
+                seg, n_chunks = text_segment(f"P{n_chunks}", ids, rows), n_chunks + 1
+            else:
+                seg = text_segment({"system": "S", "question": "Q"}[kind], ids, rows)
+            ordered.append((kind, seg))
+        probes = [text_segment(f"R{i}", ids, rows) for i, ids in enumerate(self.tokens.probes)]
+        lay = plan(build_groups(self.config.layout, ordered, probes))
+        visual = torch.zeros(lay.length, dtype=torch.bool)                   # [T]
+        start = lay.span("V").start + offset
+        visual[start: start + video.ids.numel()] = video.visual
+        return lay, visual
+
+    def _explain(self, batch: Batch, row: int, flags: list[bool]) -> Explanation:
+        cache, _ = batch.row(row)
+        lay = batch.items[row].layout
+        q = lay.span("Q")
+        next_pos = int(lay.positions[0, q.stop - 1]) + 1
+        decoder = Decoder(self.adapter, cache, next_pos, self._stop_ids())
+        return explain(decoder, self.tokens.keys, flags, self.config.max_new_tokens)
+
+    def _stop_ids(self) -> set[int]:
+        tok = self.adapter.tokenizer
+        ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        eos = getattr(getattr(self.adapter.model, "generation_config", None), "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        im_end = tok.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != tok.unk_token_id:
+            ids.add(im_end)
+        return ids
+
+    def _tokenize(self) -> PromptTokens:
+        enc = self.adapter.encode_text
+        before, after = self.adapter.chat_frame()
+        ordered: list = []
+        for kind, text in prompt_segments(self.prompt, self.config.layout):
+            if kind == "system":
+                text = before + text
+            elif kind == "question":
+                text = text + after
+            if kind == "video":
+                head, tail = text.split(VIDEO_SLOT)
+                ordered.append((kind, (enc(head), enc(tail))))
+            else:
+                ordered.append((kind, enc(text)))
+        return PromptTokens(ordered, [enc(r) for r in self.prompt.probes], list(self.prompt.keys))

@@ -1,0 +1,354 @@
+"""Tiny randomly initialised Qwen-VL checkpoints for smoke tests, CI and dry runs (SPEC §4.6).
+
+`make_tiny(DIR, family)` writes a directory that `AutoModelForImageTextToText.from_pretrained`
+and `AutoProcessor.from_pretrained` load offline: a few-million-parameter model of the real
+family (the config's `model_type` is the family's), the family's official processor with its
+real patch sizes, a byte-level BPE `Qwen2Tokenizer` trained here on a built-in English corpus,
+a Qwen chat template and a generation config. Its verdicts are meaningless.
+
+The output depends only on `family` and `seed`: the same call gives byte-identical files in any
+process (weights are seeded; the tokenizer is built without hash- or set-order dependence).
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from guardrail.errors import UsageError
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+# Qwen's special tokens in Qwen's id order (151643.. in the real vocabulary).
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)  # fmt: skip
+VOCAB_SIZE = 4096  # BPE vocabulary + special tokens; merges stop early when the corpus runs out
+INITIALIZER_RANGE = 0.1  # at 0.02 every verdict score sits in a narrow band
+
+# Per family, the real layout shrunk. NOTE: mrope_section must sum to head_dim / 2 (64 / 2 here);
+# these are the real sections halved. Vision towers keep the real patch and merge sizes.
+_TEXT = {
+    "qwen2_vl": {"rope_parameters": {"rope_theta": 1e6, "mrope_section": [8, 12, 12]}},
+    "qwen2_5_vl": {"rope_parameters": {"rope_theta": 1e6, "mrope_section": [8, 12, 12]}},
+    "qwen3_vl": {
+        "head_dim": 64,
+        "rope_parameters": {
+            "rope_theta": 5e6,
+            "mrope_section": [12, 10, 10],
+            "mrope_interleaved": True,
+        },
+    },
+}
+_VISION = {
+    "qwen2_vl": dict(embed_dim=64, mlp_ratio=2, hidden_size=128, patch_size=14),
+    "qwen2_5_vl": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        out_hidden_size=128,
+        patch_size=14,
+        window_size=112,
+        fullatt_block_indexes=[1],
+        tokens_per_second=2,
+    ),
+    "qwen3_vl": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        out_hidden_size=128,
+        patch_size=16,
+        num_position_embeddings=256,
+        deepstack_visual_indexes=[0, 1],
+    ),
+}
+_CLIP_NORM = {"image_mean": [0.48145466, 0.4578275, 0.40821073],
+              "image_std": [0.26862954, 0.26130258, 0.27577711]}  # fmt: skip
+_HALF_NORM = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+_QWEN2_PROCESSOR = dict(
+    video_processor="Qwen2VLVideoProcessor",
+    patch_size=14,
+    norm=_CLIP_NORM,
+    image_size={"shortest_edge": 56 * 56, "longest_edge": 168 * 168},
+    video_size={"shortest_edge": 56 * 56, "longest_edge": 168 * 168},  # pixels per frame
+    default_system="You are a helpful assistant.",
+)
+_PROCESSOR = {
+    "qwen2_vl": dict(_QWEN2_PROCESSOR, processor="Qwen2VLProcessor"),
+    "qwen2_5_vl": dict(_QWEN2_PROCESSOR, processor="Qwen2_5_VLProcessor"),
+    "qwen3_vl": dict(
+        processor="Qwen3VLProcessor",
+        video_processor="Qwen3VLVideoProcessor",
+        patch_size=16,
+        norm=_HALF_NORM,
+        image_size={"shortest_edge": 64 * 64, "longest_edge": 192 * 192},
+        # NOTE: Qwen3-VL's video size bounds the whole clip (frames x height x width).
+        video_size={"shortest_edge": 2 * 64 * 64, "longest_edge": 8 * 192 * 192},
+        default_system=None,
+    ),
+}
+
+# Training text for the BPE merges: prompt, policy and answer vocabulary, so that an English
+# SafeWatch-style prompt tokenizes compactly. The answer skeleton is repeated so that `":`,
+# ` true` and ` false` become single tokens.
+_CORPUS = """
+the of and to a in is it that for on as with by this be are or not was at from an have has
+but all any can will may should must would could do does did if then than so such no yes each
+every one two three four five six seven eight nine ten first second third last next only also
+other more most less some many much very just into over under about after before during while
+between through without within against among you your we our they their them he she his her
+its who what which when where why how there here these those been being were had made make
+video videos frame frames image images clip scene scenes content person people man woman child
+children minor minors adult adults user users animal animals students student school campus
+model guardrail safety safe unsafe policy policies category categories rule rules harmful harm
+description explanation analyse analyze analysis summarize summarise summary task tasks output
+answer question following given provide provided return returns set true false json object key
+keys value values core line lines start starting specific specifically relevant most flagged flag
+violate violates violated violation violations violating detect detected detection evidence
+sexual nudity explicit pornography material arouse arousal implication services promotion
+promoting promote exploitation exploit unwanted protect protection especially breastfeeding art
+dancing gymnastics performance performances sports swimwear kissing harassment bullying abuse
+abusive intimidation privacy private information consent cyberbullying cruelty toward respectful
+environment free threats threat violence violent fighting fight shooting shoot vandalism assault
+injury damage glorification glorify self suicide dangerous acts act incite incitement graphic
+blood weapon weapons gun guns knife firearms false deceptive misinformation claims claim denying
+tragedies unfounded medical facts outdated altered generated presented real impersonation
+deception trustworthy platform illegal regulated activities activity legal compliance trade
+drugs drug gambling alcohol tobacco arson explosion explosions robbery burglary shoplifting
+stealing war military terrorist actions action hateful hate hatred extremism extremist
+discrimination disturbing torture gore mutilation anti social behaviour behavior depression
+mental intent blocked allowed permitted prohibited disallowed begin end harassing bully
+threatening accident accidents road traffic news documentary educational cartoon cartoons game
+games fantasy suitable ages age older younger kids family friendly brand advertising whitelist
+custom any none nothing something anything everything show shows showing shown depict depicts
+depicting depiction contains contain containing include includes including involve involves
+involving appear appears appearing visible clearly likely possible possibly potentially whether
+look looks looking see seen watch watching observe observed describe describes described explain
+explains explained reason reasons because therefore however although based considering judge
+judgment determine decision decide score scores probability calibrated threshold severity high
+medium low level levels name names id list listed below above format formatted exactly strictly
+sentence sentences short brief concise detailed words word text role assistant system instruction
+instructions please carefully read review reviewing moderation moderator moderate help helpful
+hello world time times seconds second minute minutes long length number numbers count total
+new old good bad right wrong left small large big little great same different general public
+group groups individual individuals body bodies face faces hand hands room house street car
+cars building outdoor indoor night day light dark water fire smoke crowd police officer
+camera screen phone text audio music sound voice speech talk talking walking running standing
+sitting holding wearing using playing eating drinking smoking driving throwing hitting kicking
+punching pushing grabbing touching
+DESCRIPTION GUARDRAIL EXPLANATION BLOCKED ALLOWED PROHIBITED PERMITTED DISALLOWED BEGIN END
+HARMFUL CATEGORIES EXPLANATIONS Core Value Sexual Content Harassment Bullying Threats Violence
+Harm False Deceptive Information Illegal Regulated Activities Hateful Extremism The This You
+Your If It In For Each Set Only Return Answer Video Frame Policy Category No None Yes
+C1 C2 C3 C4 C5 C6 C7 C8 C9 <box> </box> (Sexual Content)": true, false, {} [] : ; , . ! ? - _ /
+0 1 2 3 4 5 6 7 8 9 10 0.0 0.5 1.0 seconds> <1.0 seconds>
+"""
+_ANSWER = 'GUARDRAIL: {"C1(Sexual Content)": true, "C2(Harassment & Bullying)": false}\n'
+_ANSWER_REPEATS = 64
+
+
+def make_tiny(out_dir: str | os.PathLike, family: str, seed: int = 0) -> Path:
+    """Write a tiny random `family` model, its tokenizer and its processor to `out_dir`.
+
+    Raises `UsageError` for an unknown family or an `out_dir` that is a file. Returns the
+    directory. The same `(family, seed)` always gives byte-identical files.
+    """
+    if family not in FAMILIES:
+        raise UsageError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+    from transformers import AutoModelForImageTextToText, GenerationConfig
+
+    tokenizer = build_tokenizer()
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
+    config = _model_config(family, len(tokenizer), ids)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+        do_sample=False,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    _processor(family, tokenizer).save_pretrained(out)
+    return out
+
+
+def build_tokenizer():
+    """The tiny models' `Qwen2Tokenizer`: Qwen's pre-tokenizer, merges trained on `_CORPUS`."""
+    from tokenizers import Regex, pre_tokenizers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    pre = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    # Every corpus word with and without a leading space, as inside and at the start of a line.
+    corpus = _CORPUS.split()
+    text = " ".join(corpus) + "\n" + "\n".join(corpus) + "\n" + _ANSWER * _ANSWER_REPEATS
+    words = Counter(piece for piece, _ in pre.pre_tokenize_str(text))
+    alphabet = _bytes_to_unicode()
+    merges = _train_bpe(words, VOCAB_SIZE - len(alphabet) - len(SPECIAL_TOKENS))
+    vocab = {symbol: i for i, symbol in enumerate(alphabet)}
+    for token in [a + b for a, b in merges] + list(SPECIAL_TOKENS):
+        vocab.setdefault(token, len(vocab))
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=list(SPECIAL_TOKENS),
+        model_max_length=32768,
+        clean_up_tokenization_spaces=False,
+    )
+    for piece in ('":', " true", " false"):
+        assert len(tokenizer.encode(piece)) == 1, f"tiny tokenizer splits {piece!r}"
+    return tokenizer
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's 256 byte symbols in GPT-2's fixed order (token ids 0..255)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    rest = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(rest))]
+
+
+def _train_bpe(words: Counter[str], max_merges: int) -> list[tuple[str, str]]:
+    """Plain BPE: merge the most frequent adjacent pair, ties broken by the pair's text."""
+    seqs = [list(word) for word in words]
+    freqs = list(words.values())
+    counts: Counter[tuple[str, str]] = Counter()
+    where: defaultdict[tuple[str, str], set[int]] = defaultdict(set)
+
+    heap: list[tuple[int, tuple[str, str]]] = []  # (-count, pair); stale entries skipped
+
+    def account(i: int, sign: int) -> None:
+        seq = seqs[i]
+        for pair in zip(seq, seq[1:], strict=False):
+            counts[pair] += sign * freqs[i]
+            if sign > 0:
+                where[pair].add(i)
+            heapq.heappush(heap, (-counts[pair], pair))
+
+    for i in range(len(seqs)):
+        account(i, +1)
+    merges: list[tuple[str, str]] = []
+    while heap and len(merges) < max_merges:
+        neg, pair = heapq.heappop(heap)
+        if counts[pair] <= 0 or -neg != counts[pair]:
+            continue  # stale heap entry
+        merges.append(pair)
+        for i in sorted(where.pop(pair)):
+            account(i, -1)
+            seqs[i] = _merge(seqs[i], pair)
+            account(i, +1)
+        del counts[pair]
+    return merges
+
+
+def _merge(seq: list[str], pair: tuple[str, str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(seq):
+        if i + 1 < len(seq) and (seq[i], seq[i + 1]) == pair:
+            out.append(seq[i] + seq[i + 1])
+            i += 2
+        else:
+            out.append(seq[i])
+            i += 1
+    return out
+
+
+def _model_config(family: str, vocab_size: int, ids: dict[str, int]):
+    """A ~1.5M-parameter config of `family`: the real layout, shrunk (text head_dim 64)."""
+    from transformers import AutoConfig
+
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32768,
+        initializer_range=INITIALIZER_RANGE,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        **copy.deepcopy(_TEXT[family]),
+    )
+    text["rope_parameters"]["rope_type"] = "default"
+    vision = dict(depth=2, num_heads=2, initializer_range=INITIALIZER_RANGE)
+    vision.update(copy.deepcopy(_VISION[family]))
+    return AutoConfig.for_model(
+        family,
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        initializer_range=INITIALIZER_RANGE,
+        tie_word_embeddings=False,
+    )
+
+
+def _processor(family: str, tokenizer):
+    """The family's official processor classes with real patch sizes and small pixel budgets."""
+    import transformers
+
+    spec = copy.deepcopy(_PROCESSOR[family])
+    image = transformers.Qwen2VLImageProcessor(
+        patch_size=spec["patch_size"], size=spec["image_size"], **spec["norm"]
+    )
+    video = getattr(transformers, spec["video_processor"])(
+        patch_size=spec["patch_size"],
+        size=spec["video_size"],
+        cap_pixels_per_frame=False,  # explicit: unset, 5.2x warns on every call
+        **spec["norm"],
+    )
+    tokenizer.chat_template = _chat_template(spec["default_system"])
+    return getattr(transformers, spec["processor"])(
+        image_processor=image,
+        tokenizer=tokenizer,
+        video_processor=video,
+        chat_template=tokenizer.chat_template,
+    )
+
+
+def _chat_template(default_system: str | None) -> str:
+    """Qwen-VL's chat template: `<|im_start|>role\\ncontent<|im_end|>\\n`, media as vision pads."""
+    system = ""
+    if default_system:
+        system = (
+            "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+            + default_system
+            + "<|im_end|>\n{% endif %}"
+        )
+    return (
+        "{% for message in messages %}" + system + "<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+        "<|vision_start|><|image_pad|><|vision_end|>"
+        "{% elif part['type'] == 'video' or 'video' in part %}"
+        "<|vision_start|><|video_pad|><|vision_end|>"
+        "{% elif 'text' in part %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
