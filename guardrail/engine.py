@@ -143,7 +143,7 @@ class GuardEngine:
             decode_ms.append((time.perf_counter() - t) * 1e3)
         windows = [(i, clip) for i, video in enumerate(decoded) for clip in video.clips]
         results: list[list[WindowResult]] = [[] for _ in decoded]
-        best: dict[int, tuple[float, Batch, int]] = {}
+        best: dict[int, tuple[float, object, Layout]] = {}   # video -> its top window's cache
         size = self.config.batch_size
         for start in range(0, len(windows), size):
             part = windows[start: start + size]
@@ -152,7 +152,7 @@ class GuardEngine:
                 results[i].append(r)
                 top = float(r.scores.max())
                 if self.config.mode != "fast" and (i not in best or top > best[i][0]):
-                    best[i] = (top, batch, row)
+                    best[i] = (top, batch.row(row)[0], batch.items[row].layout)
         verdicts = []
         for i, video in enumerate(decoded):
             scores = torch.stack([r.scores for r in results[i]]).amax(dim=0)          # [m]
@@ -161,8 +161,8 @@ class GuardEngine:
             if self.config.mode == "explain" or (self.config.mode == "explain_flagged"
                                                   and any(flags)):
                 t = time.perf_counter()
-                _, batch, row = best[i]
-                text = self._explain(batch, row, flags)
+                _, cache, lay = best[i]
+                text = self._explain(cache, lay, flags)
                 gen_ms = (time.perf_counter() - t) * 1e3
             total = (time.perf_counter() - t0) * 1e3 / len(decoded)
             verdicts.append(build_verdict(
@@ -232,9 +232,8 @@ class GuardEngine:
         visual[start: start + video.ids.numel()] = video.visual
         return lay, visual
 
-    def _explain(self, batch: Batch, row: int, flags: list[bool]) -> Explanation:
-        cache, _ = batch.row(row)
-        lay = batch.items[row].layout
+    def _explain(self, cache, lay: Layout, flags: list[bool]) -> Explanation:
+        """Decode the answer text over one window's prompt cache (probes already removed)."""
         q = lay.span("Q")
         next_pos = int(lay.positions[0, q.stop - 1]) + 1
         decoder = Decoder(self.adapter, cache, next_pos, self._stop_ids())

@@ -142,7 +142,8 @@ def test_explain_mode_always_parses(engine, video_files, mode):
     assert v.description is not None and v.explanation is not None
     assert "\n" not in v.description and "\n" not in v.explanation
     _, batch = eng.judge([load_video(video_files["mp4_h264"]).clips[0]])
-    text = eng._explain(batch, 0, [c.flagged for c in v.categories]).text
+    text = eng._explain(batch.row(0)[0], batch.items[0].layout,
+                        [c.flagged for c in v.categories]).text
     parsed = parse_answer(text, [(c.id, c.name) for c in eng.policies.categories])
     assert parsed.ok
     assert parsed.flags == {c.id: c.flagged for c in v.categories}
