@@ -82,9 +82,11 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         _require(self.mode in ("uniform", "fps"), f"sampling mode must be 'uniform' or 'fps', "
                  f"not {self.mode!r}")
-        _require(self.num_frames >= 1, "sampling num_frames must be at least 1")
+        _require(isinstance(self.num_frames, int) and self.num_frames >= 1,
+                 "sampling num_frames must be a whole number, at least 1")
         _require(math.isfinite(self.fps) and self.fps > 0, "sampling fps must be positive")
-        _require(self.max_frames >= 1, "sampling max_frames must be at least 1")
+        _require(isinstance(self.max_frames, int) and self.max_frames >= 1,
+                 "sampling max_frames must be a whole number, at least 1")
         for name in ("window_s", "stride_s"):
             value = getattr(self, name)
             _require(value is None or (math.isfinite(value) and value > 0),
@@ -219,7 +221,8 @@ class DecordDecoder:
         self._deadline = deadline
         ctx = multiprocessing.get_context("fork")
         self._conn, child = ctx.Pipe()
-        self._worker = ctx.Process(target=_decord_worker, args=(child, source), daemon=True)
+        self._worker = ctx.Process(target=_decord_worker, args=(child, self._conn, source),
+                                   daemon=True)
         self._worker.start()
         child.close()
         self.num_frames = self._reply("opening the video")
@@ -242,8 +245,7 @@ class DecordDecoder:
     def _reply(self, doing: str):
         if not self._conn.poll(self._deadline.left()):
             self.close()
-            raise VideoTimeoutError(f"gave up {doing} after {self._deadline.timeout_s:g} s "
-                                    "(timeout_s)")
+            raise self._deadline.expired(doing)
         try:
             ok, value = self._conn.recv()
         except (EOFError, OSError):
@@ -251,13 +253,15 @@ class DecordDecoder:
             code = self._worker.exitcode
             raise VideoError(f"decord crashed while {doing} (exit code {code})") from None
         if not ok:
+            self.close()  # the child has exited
             raise VideoError(f"decord failed while {doing} ({value})")
         return value
 
 
-def _decord_worker(conn: Connection, source: _Source) -> None:
-    """Worker process: open the video, reply with its frame count, then answer each list of
+def _decord_worker(conn: Connection, parent_end: Connection, source: _Source) -> None:
+    """Child process: open the video, reply with its frame count, then answer each list of
     indices with frames [N, H, W, 3] until the parent hangs up. Replies are (ok, value)."""
+    parent_end.close()  # forked copy; closed so that recv() sees EOF when the parent goes
     faulthandler.disable()  # a crash here is expected; the parent reports it
     try:
         import decord
@@ -369,7 +373,10 @@ class _Deadline:
 
     def check(self, doing: str) -> None:
         if time.monotonic() > self._end:
-            raise VideoTimeoutError(f"gave up {doing} after {self.timeout_s:g} s (timeout_s)")
+            raise self.expired(doing)
+
+    def expired(self, doing: str) -> VideoTimeoutError:
+        return VideoTimeoutError(f"gave up {doing} after {self.timeout_s:g} s (timeout_s)")
 
 
 def _load(source: VideoSource, sampling: SamplingConfig | None, limits: VideoLimits,
@@ -406,10 +413,8 @@ def _decode_with(decoder_cls: type[FrameDecoder], src: _Source, header: VideoInf
     with _translate(f"{decoder_cls.name} could not decode the video"):
         decoder = decoder_cls(src, header, deadline)
         try:
-            num_frames = decoder.num_frames or header.num_frames
-            info = replace(header, num_frames=num_frames, backend=decoder_cls.name,
-                           duration_s=header.duration_s or num_frames / header.fps)
-            _require(num_frames > 0, "no video frames", VideoError)
+            info = _settle(header, decoder.num_frames, decoder_cls.name)
+            _require(info.num_frames > 0, "no video frames", VideoError)
             _check_limits(info, limits)
             if sampling is None:
                 return Video(info, ())
@@ -422,6 +427,15 @@ def _decode_with(decoder_cls: type[FrameDecoder], src: _Source, header: VideoInf
     row = {index: r for r, index in enumerate(wanted)}
     clips = tuple(Clip(w, frames[[row[i] for i in w.indices]], info.fps) for w in windows)
     return Video(info, clips)
+
+
+def _settle(header: VideoInfo, counted: int, backend: str) -> VideoInfo:
+    """The header's metadata with the frame count the decoder found (if any); a duration that
+    disagrees with the count lied too and is recomputed from it."""
+    num_frames, duration = counted or header.num_frames, header.duration_s
+    if not (duration and _agree(num_frames, duration, header.fps)):
+        duration = num_frames / header.fps
+    return replace(header, num_frames=num_frames, duration_s=duration, backend=backend)
 
 
 def _resolve(source: VideoSource, limits: VideoLimits) -> _Source:
@@ -458,12 +472,11 @@ def _probe_header(src: _Source, limits: VideoLimits, deadline: _Deadline) -> Vid
             fps = _rate(stream) or (declared / duration if declared and duration else 0.0)
             _require(0 < fps <= _MAX_FPS, "cannot tell the frame rate", VideoError)
             # Declared counts lie (truncated files); keep one only if duration * fps agrees.
-            expected = duration * fps
-            trusted = declared > 0 and (not duration or abs(declared - expected) <= max(
-                2, 0.1 * declared))
+            trusted = declared > 0 and (not duration or _agree(declared, duration, fps))
             info = VideoInfo(fmt, stream.codec_context.name, duration, fps,
                              stream.codec_context.width, stream.codec_context.height,
-                             declared if trusted else round(expected), src.num_bytes, "pyav")
+                             declared if trusted else round(duration * fps), src.num_bytes,
+                             "pyav")
             _check_limits(info, limits)
             first = next(_decode(container, stream, deadline), None)
             _require(first is not None, "no decodable video frames", VideoError)
@@ -539,6 +552,10 @@ def _packet_index(src: _Source, deadline: _Deadline) -> tuple[np.ndarray, list[i
     order = np.argsort(pts, kind="stable")
     key_ranks = [0] + [r for r, p in enumerate(order.tolist()) if keys[p] and r > 0]
     return np.asarray(pts, np.int64)[order], key_ranks, True
+
+
+def _agree(num_frames: int, duration_s: float, fps: float) -> bool:
+    return abs(num_frames - duration_s * fps) <= max(2, 0.1 * num_frames)
 
 
 def _rate(stream: av.VideoStream) -> float:

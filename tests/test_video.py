@@ -39,7 +39,7 @@ def ids(frames: np.ndarray) -> list[int]:
     return [videos.frame_index(frame) for frame in frames]
 
 
-def info(num_frames: int, fps: float = 10.0, duration_s: float | None = None) -> VideoInfo:
+def make_info(num_frames: int, fps: float = 10.0, duration_s: float | None = None) -> VideoInfo:
     duration = num_frames / fps if duration_s is None else duration_s
     return VideoInfo("mp4", "h264", duration, fps, 64, 48, num_frames, 1000, "pyav")
 
@@ -104,7 +104,7 @@ def test_auto_backend_prefers_decord(video_files):
     assert probe(video_files["mp4_h264"]).backend == "decord"
 
 
-def test_auto_falls_back_to_pyav_when_decord_cannot_open(tmp_path):
+def test_auto_falls_back_to_pyav_when_decord_cannot_open():
     # A raw h264 elementary stream: no container timestamps or frame count; decord refuses it.
     raw = videos.elementary_h264(videos.encode_video("mp4_h264", num_frames=20, fps=10))
     video = load_video(raw, SamplingConfig(num_frames=5))
@@ -114,15 +114,13 @@ def test_auto_falls_back_to_pyav_when_decord_cannot_open(tmp_path):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_pyav_seeking_returns_the_requested_frames(long_video, seed):
+    # 200 frames, a keyframe every 12: forward jumps seek, backward ones reopen and seek.
     indices = sorted(np.random.default_rng(seed).choice(200, size=10, replace=False).tolist())
-    for backend in BACKENDS:
-        video = load_video(long_video, SamplingConfig(num_frames=len(indices)), backend=backend)
-        assert ids(video.clips[0].frames) == list(video.clips[0].window.indices)
     probed = probe(long_video, backend="pyav")
     decoder = PyAVDecoder(_resolve(os.fspath(long_video), VideoLimits()), probed, _Deadline(60.0))
     try:
         assert ids(decoder.read(indices)) == indices
-        backwards = indices[::-1]  # out of order and backwards: seeks back
+        backwards = indices[::-1]
         assert ids(decoder.read(backwards)) == backwards
     finally:
         decoder.close()
@@ -134,7 +132,7 @@ def test_lying_frame_count_is_clamped_to_decodable_frames(video_files):
     for backend in BACKENDS:
         video = load_video(truncated, SamplingConfig(num_frames=8), backend=backend)
         n = video.info.num_frames
-        assert 5 <= n < 30
+        assert 5 <= n < 30 and video.info.duration_s == pytest.approx(n / 10)
         assert max(video.clips[0].window.indices) < n
         assert ids(video.clips[0].frames) == list(video.clips[0].window.indices)
 
@@ -145,7 +143,7 @@ def test_lying_frame_count_is_clamped_to_decodable_frames(video_files):
 @settings(max_examples=200, deadline=None)
 @given(total=st.integers(1, 5000), n=st.integers(1, 64))
 def test_uniform_takes_the_middle_frame_of_equal_segments(total, n):
-    [window] = plan_windows(info(total), SamplingConfig(num_frames=n))
+    [window] = plan_windows(make_info(total), SamplingConfig(num_frames=n))
     assert len(window.indices) == n and list(window.indices) == sorted(window.indices)
     for k, index in enumerate(window.indices):
         middle = (k + 0.5) * total / n  # in frames: the middle of segment k
@@ -170,7 +168,7 @@ def test_fps_sampling_rate_and_cap(video_files):
     assert ids(clip.frames) == list(clip.window.indices)
     [capped] = load_video(path, SamplingConfig(mode="fps", fps=5.0, max_frames=4)).clips
     assert capped.window.indices == (3, 11, 18, 26)  # uniform over the window once capped
-    [dense] = plan_windows(info(30), SamplingConfig(mode="fps", fps=50.0, max_frames=100))
+    [dense] = plan_windows(make_info(30), SamplingConfig(mode="fps", fps=50.0, max_frames=100))
     assert dense.indices == tuple(range(30))  # never more frames than the window has
 
 
@@ -198,16 +196,16 @@ def test_overlapping_windows_stop_at_the_end(long_video):
 
 
 def test_window_plan_edges():
-    windows = plan_windows(info(100, duration_s=10.05), SamplingConfig(window_s=5.0))
+    windows = plan_windows(make_info(100, duration_s=10.05), SamplingConfig(window_s=5.0))
     assert [(w.start_s, w.end_s) for w in windows] == [(0.0, 5.0), (5.0, 10.0)]  # tail < 1 frame
-    windows = plan_windows(info(100), SamplingConfig(num_frames=1, window_s=2.0, stride_s=3.0))
+    windows = plan_windows(make_info(100), SamplingConfig(num_frames=1, window_s=2.0, stride_s=3.0))
     assert [w.indices for w in windows] == [(10,), (40,), (70,), (95,)]  # gaps between windows
-    [only] = plan_windows(info(100), SamplingConfig(window_s=60.0))
+    [only] = plan_windows(make_info(100), SamplingConfig(window_s=60.0))
     assert (only.start_s, only.end_s) == (0.0, 10.0)
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"mode": "random"}, {"num_frames": 0}, {"fps": 0.0}, {"fps": float("nan")},
+    {"mode": "random"}, {"num_frames": 0}, {"num_frames": 2.5}, {"fps": 0.0}, {"fps": float("nan")},
     {"max_frames": 0}, {"window_s": -1.0}, {"window_s": 0.0}, {"stride_s": 2.0},
     {"window_s": 10.0, "stride_s": float("inf")},
 ])
@@ -288,10 +286,10 @@ def test_timeout_is_a_video_error(video_files, backend):
 
 
 def test_decord_segfault_is_contained_and_auto_falls_back():
-    # decord2 3.4 segfaults on an mp4 whose sample table sends one frame past the end of the
-    # file; PyAV decodes the frames before it. The process must survive either way.
+    # decord2 3.4 segfaults (or, depending on memory layout, fails) on an mp4 whose sample
+    # table sends one frame past the end of the file; PyAV decodes the frames before it.
     data = videos.bogus_sample_size(videos.encode_video("mp4_h264", num_frames=40), sample=4)
-    with pytest.raises(VideoError, match="decord crashed"):
+    with pytest.raises(VideoError, match="decord (crashed|failed)"):
         load_video(data, backend="decord")
     video = load_video(data, SamplingConfig(num_frames=8))
     assert video.info.backend == "pyav"
@@ -300,7 +298,7 @@ def test_decord_segfault_is_contained_and_auto_falls_back():
 
 
 def test_a_hung_decord_child_is_killed_at_the_deadline(video_files, monkeypatch):
-    monkeypatch.setattr(video_module, "_decord_worker", lambda conn, source: time.sleep(60))
+    monkeypatch.setattr(video_module, "_decord_worker", lambda *args: time.sleep(60))
     start = time.monotonic()
     with pytest.raises(VideoTimeoutError):
         load_video(video_files["mp4_h264"], limits=VideoLimits(timeout_s=1.0), backend="decord")
@@ -327,7 +325,8 @@ def test_corrupted_videos_decode_or_raise_video_errors(corrupt_sources, fmt, fli
         video = load_video(bytes(data[: int(cut * len(data))]))
     except VideoError:
         return
-    assert video.clips and all(c.frames.shape[1:] == (48, 64, 3) for c in video.clips)
+    shape = (video.info.height, video.info.width, 3)  # a corrupt header may crop the frames
+    assert video.clips and all(c.frames.shape[1:] == shape for c in video.clips)
 
 
 @pytest.fixture(scope="module")
