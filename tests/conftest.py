@@ -1,5 +1,11 @@
 from __future__ import annotations
 
+import os
+
+# Tests never touch the Hugging Face hub: set before transformers is imported anywhere.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 import subprocess
 import sys
 import zipfile
