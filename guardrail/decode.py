@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from guardrail.adapters.base import ModelAdapter
-from guardrail.layout import additive_mask
 from guardrail.verdict import guardrail_json
 
 
@@ -41,8 +40,7 @@ class Decoder:
         pos = torch.arange(self.position, self.position + n).expand(self.adapter.rows, 1, n)
         visible = torch.ones(n, past + n, dtype=torch.bool).tril(past)   # [n, past + n]
         embeds = self.adapter.embed(torch.tensor(ids))[None]
-        hidden = self.adapter.forward(embeds, pos, additive_mask(visible, self.adapter.dtype),
-                                      self.cache)
+        hidden = self.adapter.forward(embeds, pos, visible[None], self.cache)
         self.position += n
         return self.adapter.logits(hidden[0, -1])
 

@@ -77,7 +77,7 @@ def prefill(engine, batch: Batch, start: int) -> list[int]:
 
     def capture(query, key, mask, scaling, keys):                      # keys [B, K] slots
         for b, it in enumerate(items):
-            relevance[b] = _attention_relevance(engine, it, query[b], key[b], mask[b, 0],
+            relevance[b] = _attention_relevance(engine, it, query[b], key[b], mask[b],
                                                 scaling, todo[b], keys[b], n_before)
 
     batch.step(todo, capture=(cfg.layer, capture))

@@ -2,7 +2,8 @@
 
 Relevance of video token j to policy i is a number per (i, j); the kept set is the union of
 every policy's top-k video tokens, with k chosen so that the union holds ceil(keep_ratio * N)
-tokens (see `select_tokens`), in video order. Where relevance comes from depends on the layout and the variant:
+tokens (see `select_tokens`), in video order. Where relevance comes from depends on the layout
+and the variant:
 
 - `kv` (default): attention at one decoder layer during prefill. When the policies follow the
   video (`sequential`, `parallel`), it is the attention policy i's tokens pay to video token j

@@ -58,7 +58,8 @@ class Batch:
     def step(self, new: list[torch.Tensor], capture=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Append layout tokens `new[b]` to row b and run them. Returns hidden [B, n, D] and the
         padded token indices [B, n]. `capture`, if given, is `(layer, fn)` with
-        fn(query, key, mask, scaling, idx) called at that layer (see adapters.attention)."""
+        fn(query, key, mask, scaling, keys) called at that layer (see adapters.attention), with
+        mask [B, n, K + n] additive fp32 and keys [B, K + n] the slot of every key."""
         idx = pad_rows(new)                                              # [B, n]
         keys = torch.cat([self.slots, idx], dim=1)                       # [B, K + n]
         ids, pos, masks, vis_rows, deep_rows = [], [], [], [], []
@@ -80,14 +81,16 @@ class Batch:
             if rows[0].deepstack:
                 deepstack = tuple(torch.cat(layer) for layer in zip(*(f.deepstack for f in rows),
                                                                     strict=True))
-        mask = additive_mask(torch.stack(masks), self.adapter.dtype)    # [B, 1, n, K + n]
+        visible = torch.stack(masks)                                     # [B, n, K + n]
         positions = torch.stack(pos, dim=1)                              # [rows, B, n]
         if capture is None:
-            hidden = self.adapter.forward(embeds, positions, mask, self.cache, visual, deepstack)
+            hidden = self.adapter.forward(embeds, positions, visible, self.cache, visual,
+                                          deepstack)
         else:
             layer, fn = capture
-            with self.adapter.capture.capture(layer, lambda q, k, m, s: fn(q, k, m, s, keys)):
-                hidden = self.adapter.forward(embeds, positions, mask, self.cache, visual,
+            mask = additive_mask(visible, torch.float32)[:, 0]          # [B, n, K + n]
+            with self.adapter.capture.capture(layer, lambda q, k, s: fn(q, k, mask, s, keys)):
+                hidden = self.adapter.forward(embeds, positions, visible, self.cache, visual,
                                               deepstack)
         self.slots = keys
         return hidden, idx

@@ -10,7 +10,6 @@ import torch
 
 from guardrail.engine import GuardEngine
 from guardrail.kvcache import filled, layers
-from guardrail.layout import additive_mask
 from guardrail.policy import load_policy
 from guardrail.probes import probe_scores
 from guardrail.runner import Batch, Item
@@ -83,7 +82,7 @@ def test_parallel_equals_stitched_per_chunk_caches(engine, clip):
         embeds = adapter.embed(lay.ids[idx]).clone()
         embeds[visual[idx]] = feats.embeds
         n = idx.numel()
-        causal = additive_mask(torch.ones(n, n, dtype=torch.bool).tril(), adapter.dtype)
+        causal = torch.ones(1, n, n, dtype=torch.bool).tril()
         adapter.forward(embeds[None], lay.positions[:, idx][:, None], causal, cache,
                         visual[idx][None], feats.deepstack)
         caches.append(layers(cache))

@@ -126,3 +126,17 @@ def test_batched_with_pruning_and_windows(engine, video_files, long_video):
         assert b.pruning == s.pruning
         assert [c.score for c in b.categories] == pytest.approx(
             [c.score for c in s.categories], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_flex_attention_backend_matches_sdpa(tmp_path, video_files):
+    """The FlexAttention block-mask path (the GPU backend) gives sdpa's scores. Slow on CPU:
+    flex compiles once per shape."""
+    path = make_tiny(tmp_path / "m", "qwen2_5_vl")
+    clip = load_video(video_files["mp4_h264"]).clips[0]
+    sdpa = GuardEngine.from_pretrained(path, layout="parallel", keep_ratio=0.5)
+    flex = GuardEngine.from_pretrained(path, layout="parallel", keep_ratio=0.5,
+                                       attn="flex_attention")
+    a, b = sdpa.judge([clip])[0][0], flex.judge([clip])[0][0]
+    assert a.kept_tokens == b.kept_tokens
+    assert torch.allclose(a.scores, b.scores, atol=1e-4, rtol=0)

@@ -1,11 +1,17 @@
-"""A look at one decoder layer's attention during a forward pass, for pruning (SPEC §4.3).
+"""The language model's attention backend, chosen once: how a visibility matrix becomes the
+backend's mask, and a look at one layer's attention during a forward pass (for pruning, SPEC
+§4.3).
 
-The language model's attention implementation is swapped, once, for a thin wrapper around the
-backend it was loaded with (sdpa, eager or flex). The wrapper passes everything through; while a
-`capture(layer, fn)` block is active it also calls `fn(query, key, mask, scaling)` for that
-layer, with the post-RoPE query and the full key of the forward (cache + new tokens), so the
-caller can compute the few attention rows it needs without materialising attention for the
-whole model.
+Backends: `sdpa` and `eager` take an additive float mask; `flex_attention` takes a FlexAttention
+`BlockMask` built from the same visibility (the PEPE mask is block-sparse, which flex skips on
+GPU). Only the language model switches backend: the vision tower keeps sdpa, since transformers
+does not offer flex for the Qwen-VL vision towers.
+
+The language model's attention is swapped for a thin wrapper around the chosen backend. The
+wrapper passes everything through; while a `capture(layer, fn)` block is active it also calls
+`fn(query, key, scaling)` for that layer, with the post-RoPE query and the full key of the
+forward (cache + new tokens), so the caller can compute the few attention rows it needs without
+materialising attention for the whole model.
 """
 
 from __future__ import annotations
@@ -20,16 +26,39 @@ import torch
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-CaptureFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], None]
+from guardrail.layout import additive_mask
+
+CaptureFn = Callable[[torch.Tensor, torch.Tensor, float], None]
 _names = itertools.count()
 
 
-class AttentionCapture:
-    """Installs the pass-through wrapper on `language_model` (a transformers decoder)."""
+def block_mask(visible: torch.Tensor, dtype: torch.dtype) -> Any:
+    """[B, Q, K] bool -> FlexAttention BlockMask (dtype unused: flex masks are not additive)."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    def __init__(self, language_model: Any):
+    vis = visible
+    b, q, k = vis.shape
+    return create_block_mask(lambda bi, h, qi, ki: vis[bi, qi, ki], b, None, q, k,
+                             device=vis.device)
+
+
+# backend -> how a [B, Q, K] visibility matrix becomes that backend's attention mask
+MASKS: dict[str, Callable[[torch.Tensor, torch.dtype], Any]] = {
+    "sdpa": additive_mask,
+    "eager": additive_mask,
+    "flex_attention": block_mask,
+}
+
+
+class AttentionCapture:
+    """Installs the pass-through wrapper on `language_model` (a transformers decoder), around
+    `backend` (default: the one the model was loaded with)."""
+
+    def __init__(self, language_model: Any, backend: str | None = None):
         config = language_model.config
-        backend = config._attn_implementation
+        backend = backend or config._attn_implementation
+        assert backend in MASKS, f"no mask builder for attention backend {backend!r}"
+        self.mask = MASKS[backend]
         first = language_model.layers[0].self_attn
         if backend == "eager":
             base = sys.modules[type(first).__module__].eager_attention_forward
@@ -41,7 +70,7 @@ class AttentionCapture:
         def attention(module, query, key, value, attention_mask, **kwargs):
             if self._active is not None and module is self._active[0]:
                 scaling = kwargs.get("scaling") or module.scaling
-                self._active[1](query, key, attention_mask, float(scaling))
+                self._active[1](query, key, float(scaling))
             return base(module, query, key, value, attention_mask, **kwargs)
 
         # NOTE: registered names are global in transformers; one per adapter instance.

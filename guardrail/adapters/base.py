@@ -70,12 +70,13 @@ class ModelAdapter(Protocol):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """[T] ids -> [T, D] input embeddings."""
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor,
                 cache: Any, visual: torch.Tensor | None = None,
                 deepstack: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
-        """Language model over new tokens. embeds [1, T, D], positions [rows, 1, T],
-        mask [1, 1, T, K] additive with K = cached + T, cache a DynamicCache (mutated).
-        `visual` [1, T] bool marks visual tokens for `deepstack`. Returns hidden [1, T, D]."""
+        """Language model over new tokens. embeds [B, T, D], positions [rows, B, T],
+        visible [B, T, K] bool with K = cached + T (the adapter turns it into its attention
+        backend's mask), cache a DynamicCache (mutated). `visual` [B, T] bool marks visual
+        tokens for `deepstack`. Returns hidden [B, T, D]."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., D] hidden states -> [..., V] next-token logits (fp32)."""

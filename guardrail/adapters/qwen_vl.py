@@ -26,7 +26,7 @@ _SENTINEL = "\u2063GUARDRAIL_MESSAGE\u2063"
 class QwenVLAdapter:
     rows = 3
 
-    def __init__(self, model: Any, processor: Any, name: str):
+    def __init__(self, model: Any, processor: Any, name: str, attn: str | None = None):
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -39,7 +39,7 @@ class QwenVLAdapter:
         self._deepstack = "deepstack_visual_embeds" in lm_params
         self._rope_params = set(inspect.signature(model.model.get_rope_index).parameters)
         self._video_token_id = model.config.video_token_id
-        self.capture = AttentionCapture(self._lm)
+        self.capture = AttentionCapture(self._lm, attn)
 
     @property
     def device(self) -> torch.device:
@@ -110,13 +110,14 @@ class QwenVLAdapter:
         return self.model.get_input_embeddings()(ids.to(self.device))
 
     @torch.inference_mode()
-    def forward(self, embeds, positions, mask, cache, visual=None, deepstack=()):
+    def forward(self, embeds, positions, visible, cache, visual=None, deepstack=()):
         kwargs: dict[str, Any] = {self._cache_kw: cache}
         if deepstack and visual is not None and bool(visual.any()):
             kwargs.update(visual_pos_masks=visual.to(self.device),
                           deepstack_visual_embeds=list(deepstack))
         out = self._lm(inputs_embeds=embeds, position_ids=positions.to(self.device),
-                       attention_mask=mask.to(self.device, self.dtype), use_cache=True, **kwargs)
+                       attention_mask=self.capture.mask(visible.to(self.device), self.dtype),
+                       use_cache=True, **kwargs)
         return out.last_hidden_state
 
     @torch.inference_mode()

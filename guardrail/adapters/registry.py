@@ -45,7 +45,8 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", attn: str = "au
         raise UsageError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(_DTYPES)}")
     if attn not in _ATTN:
         raise UsageError(f"unknown attention backend {attn!r}; choose one of {', '.join(_ATTN)}")
-    # NOTE: flex_attention only pays on GPU; sdpa with additive masks is exact everywhere.
+    # NOTE: "auto" is sdpa with additive masks: exact everywhere, no compile step. flex_attention
+    # (block-sparse PEPE masks) compiles per shape; it pays on GPU for long prompts.
     return Placement(dev, dt, "sdpa" if attn == "auto" else attn)
 
 
@@ -81,14 +82,16 @@ def create_adapter(model: str | os.PathLike | None = None, placement: Placement 
         raise ModelError(f"{name}: model type {family!r} is not supported; supported: "
                          f"{', '.join(FAMILIES)}")
     try:
+        # flex applies to the language model only (the adapter switches it): load with sdpa
+        load_attn = "sdpa" if placement.attn == "flex_attention" else placement.attn
         hf_model = AutoModelForImageTextToText.from_pretrained(
-            source, dtype=placement.dtype, attn_implementation=placement.attn)
+            source, dtype=placement.dtype, attn_implementation=load_attn)
         processor = AutoProcessor.from_pretrained(source)
     except Exception as err:  # noqa: BLE001
         raise ModelError(f"cannot load model {name!r}: {type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}") from None
     hf_model.to(placement.device)
-    return FAMILIES[family](hf_model, processor, name)
+    return FAMILIES[family](hf_model, processor, name, attn=placement.attn)
 
 
 def _in_hub_cache(name: str) -> bool:
