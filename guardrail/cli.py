@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from guardrail.bench.command import bench_app
 from guardrail.errors import GuardrailError, PolicyError, UsageError, VideoError
 from guardrail.layout import LAYOUTS
 
@@ -27,6 +28,7 @@ model_app = typer.Typer(no_args_is_help=True, help="Make and convert models.")
 app.add_typer(policy_app, name="policy")
 app.add_typer(video_app, name="video")
 app.add_typer(model_app, name="model")
+app.add_typer(bench_app, name="bench")
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -170,6 +172,9 @@ def check(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:i]")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
     decoder: Annotated[str, typer.Option(help="Video decoder: auto | decord | pyav")] = "auto",
+    calibration: Annotated[str | None, typer.Option(
+        help="Score calibration: auto (beside the policy file or in the model dir) or a "
+             "file from `guardrail bench calibrate`; off by default.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON verdict per line.")] = False,
 ):
     """Judge each video against the policy set; print one verdict per video, in order."""
@@ -183,7 +188,8 @@ def check(
     engine = GuardEngine.from_pretrained(
         model, policies=pset, device=device, dtype=dtype, layout=layout, mode=mode,
         keep_ratio=keep_ratio, pruning_mode=pruning_mode, batch_size=batch_size,
-        sampling=sampling, max_new_tokens=max_new_tokens, decoder=decoder)
+        sampling=sampling, max_new_tokens=max_new_tokens, decoder=decoder,
+        calibration=calibration)
     bad = 0
     with _progress(len(videos), enabled=not as_json and sys.stderr.isatty()) as step:
         for start in range(0, len(videos), batch_size):

@@ -23,6 +23,7 @@ import torch
 
 from guardrail.adapters import ModelAdapter, VideoInputs, create_adapter
 from guardrail.adapters.registry import resolve_placement
+from guardrail.calibration import Calibration, resolve
 from guardrail.chunk_cache import ChunkCache
 from guardrail.decode import Decoder, Explanation, explain
 from guardrail.errors import UsageError
@@ -54,6 +55,8 @@ class EngineConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     limits: VideoLimits = field(default_factory=VideoLimits)
     decoder: str = "auto"          # video decoder: auto | decord | pyav
+    calibration: str | None = None  # None/"off" | "auto" (beside the policy file, else
+    #                                 <model>/calibration/<set>.json) | a calibration file
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -88,8 +91,9 @@ class GuardEngine:
     is); use one engine per worker."""
 
     def __init__(self, adapter: ModelAdapter, policies: PolicySet, config: EngineConfig,
-                 chunk_cache: ChunkCache | None = None):
+                 chunk_cache: ChunkCache | None = None, calibration: Calibration | None = None):
         self.adapter = adapter
+        self.calibration = calibration
         self.policies = policies
         self.config = config
         self.chunks = chunk_cache if chunk_cache is not None else ChunkCache(
@@ -113,16 +117,18 @@ class GuardEngine:
         cfg = EngineConfig(**config)
         pset = policies if isinstance(policies, PolicySet) else load_policy(
             policies or DEFAULT_POLICY)
+        policy_file = None if isinstance(policies, PolicySet) else (policies or DEFAULT_POLICY)
+        calibration = resolve(cfg.calibration, policy_file, model, pset.name)
         adapter = create_adapter(model, resolve_placement(device, dtype, attn))
-        return cls(adapter, pset, cfg)
+        return cls(adapter, pset, cfg, calibration=calibration)
 
     def with_config(self, **changes) -> GuardEngine:
         """The same model, policies and chunk cache with other settings (no reload)."""
         return GuardEngine(self.adapter, self.policies, replace(self.config, **changes),
-                           self.chunks)
+                           self.chunks, self.calibration)
 
     def with_policies(self, policies: PolicySet) -> GuardEngine:
-        return GuardEngine(self.adapter, policies, self.config, self.chunks)
+        return GuardEngine(self.adapter, policies, self.config, self.chunks, self.calibration)
 
     # ------------------------------------------------------------------ public API
 
@@ -193,7 +199,7 @@ class GuardEngine:
         last = torch.tensor([items[0].layout.span(f"R{i}").stop - 1 - first
                              for i in range(len(self.tokens.probes))])
         logits = self.adapter.logits(hidden[:, last])                        # [B, m, V]
-        scores = [probe_scores(row, self.answer).cpu() for row in logits]
+        scores = [self._calibrated(probe_scores(row, self.answer).cpu()) for row in logits]
         batch.truncate(n_before)
         t3 = time.perf_counter()
         share = 1.0 / len(clips)
@@ -201,6 +207,13 @@ class GuardEngine:
                                 (t3 - t2) * 1e3 * share, (t1 - t0) * 1e3 * share)
                    for s, it, k in zip(scores, items, kept, strict=True)]
         return results, batch
+
+    def _calibrated(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per-category calibration of one window's scores [m] (identity without a file)."""
+        if self.calibration is None:
+            return scores
+        ids = [c.id for c in self.policies.categories]
+        return torch.from_numpy(self.calibration.apply_many(ids, scores.numpy())).to(scores.dtype)
 
     def _start(self, items: list[Item]) -> tuple[Batch, int]:
         """An empty batch, or under `parallel_cached` one holding the cached S + chunks prefix.

@@ -159,3 +159,19 @@ def test_long_video_is_judged_in_windows(engine, long_video):
 
 def test_policy_file_loaded_by_default_is_safewatch(engine):
     assert engine.policies == load_policy(POLICY_DIR / "safewatch.yaml")
+
+
+def test_calibration_file_is_applied(engine, clip, tmp_path):
+    from guardrail.calibration import fit, save
+
+    ids = [c.id for c in engine.policies.categories]
+    rng = np.random.default_rng(0)
+    raw = rng.uniform(0.3, 0.7, size=(200, len(ids)))
+    labels = (rng.uniform(size=raw.shape) < 0.2).astype(int)
+    cal = fit(raw, labels, ids, "platt")
+    path = save(cal, tmp_path / "cal.json")
+    calibrated = GuardEngine.from_pretrained(engine.adapter.name, calibration=str(path))
+    raw_scores = np.array(list(_scores(engine, clip).values()))
+    got = np.array(list(_scores(calibrated, clip).values()))
+    assert np.allclose(got, cal.apply_many(ids, raw_scores), atol=1e-6)
+    assert np.abs(got - raw_scores).max() > 1e-3            # calibration really moved them

@@ -1,0 +1,223 @@
+"""`guardrail bench run | score | calibrate` (SPEC §5, §7): a typer sub-app mounted by cli.py.
+
+Exit codes as elsewhere: 0 ran (failed videos are reported, not fatal), 2 bad usage."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from guardrail.errors import GuardrailError
+
+bench_app = typer.Typer(no_args_is_help=True, add_completion=False,
+                        help="Evaluate a model and policy set on a labelled video set.")
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+
+
+def _guarded(fn):
+    """A GuardrailError becomes one stderr line and its exit code."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GuardrailError as error:
+            for line in getattr(error, "messages", None) or [str(error)]:
+                err.print(line, markup=False, soft_wrap=True)
+            raise typer.Exit(error.exit_code) from None
+    return wrapper
+
+
+Dataset_ = Annotated[Path, typer.Option(
+    "--dataset", help="SafeWatch-Bench folder, or a .jsonl manifest.")]
+Calibration_ = Annotated[Path | None, typer.Option(
+    help="Calibration file to apply to the scores before scoring.")]
+Json_ = Annotated[bool, typer.Option("--json", help="Print metrics as JSON; no progress bar.")]
+
+
+@bench_app.command("run")
+@_guarded
+def bench_run(
+    dataset: Dataset_,
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder (resumable).")],
+    model: Annotated[str | None, typer.Option(help="Model directory or hub id.")] = None,
+    policy: Annotated[list[Path] | None, typer.Option(
+        help="Policy YAML; repeat to combine sets (default policies/safewatch.yaml).")] = None,
+    mode: Annotated[str, typer.Option(help="fast | explain | explain_flagged")] = "fast",
+    layout: Annotated[str, typer.Option(help="sequential | parallel | parallel_cached")
+                      ] = "parallel",
+    keep_ratio: Annotated[float | None, typer.Option(help="Visual token keep ratio.")] = None,
+    frames: Annotated[int, typer.Option(help="Frames per window.")] = 8,
+    window: Annotated[float | None, typer.Option(help="Window length in seconds.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Bound on generated tokens.")] = 256,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:i]")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
+    decoder: Annotated[str, typer.Option(help="Video decoder: auto | decord | pyav")] = "auto",
+    limit: Annotated[int | None, typer.Option(help="Only the first N videos.")] = None,
+    batch: Annotated[int, typer.Option(
+        help="Videos per engine call (their windows share forward passes).")] = 1,
+    ray: Annotated[bool, typer.Option("--ray", help="Spread videos over Ray workers.")] = False,
+    ray_workers: Annotated[int, typer.Option(help="Ray workers, one engine each.")] = 2,
+    ray_cpus: Annotated[float, typer.Option(help="CPUs per Ray worker.")] = 1.0,
+    ray_gpus: Annotated[float, typer.Option(help="GPUs per Ray worker.")] = 0.0,
+    ray_address: Annotated[str | None, typer.Option(
+        help="Ray cluster address (default: the running Ray, or a new local one).")] = None,
+    calibration: Calibration_ = None,
+    as_json: Json_ = False,
+):
+    """Judge every video of the dataset, then write predictions.jsonl, metrics.json, report.md."""
+    from guardrail.bench.datasets import load_dataset
+    from guardrail.bench.predictions import PREDICTIONS
+    from guardrail.bench.runner import EngineSpec, RayOptions, run
+    from guardrail.engine import DEFAULT_POLICY
+    from guardrail.policy import load_policies
+    from guardrail.video import SamplingConfig
+
+    _quiet_transformers()
+    data = load_dataset(dataset).limit(limit)
+    pset = load_policies(policy or [DEFAULT_POLICY])
+    options = [("layout", layout), ("mode", mode), ("max_new_tokens", max_new_tokens),
+               ("sampling", SamplingConfig(num_frames=frames, window_s=window)),
+               ("decoder", decoder)]
+    if keep_ratio is not None:
+        options.append(("keep_ratio", keep_ratio))
+    spec = EngineSpec(model, pset, device, dtype, tuple(options))
+    ray_opts = RayOptions(ray_workers, ray_cpus, ray_gpus, ray_address) if ray else None
+    with _Progress(enabled=not as_json and sys.stderr.isatty()) as bar:
+        result = run(data, spec, out_dir, ray=ray_opts, batch=batch, on_start=bar.start,
+                     on_done=lambda _: bar.step())
+    err.print(f"judged {result.judged} videos, {result.failed} failed, {result.skipped} already "
+              f"done, in {result.elapsed_s:.1f} s", markup=False)
+    _score_and_report([out_dir / PREDICTIONS], data, out_dir, calibration, as_json)
+
+
+@bench_app.command("score")
+@_guarded
+def bench_score(
+    predictions: Annotated[list[Path], typer.Option(
+        help="predictions.jsonl; repeat to compare several runs side by side.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    dataset: Annotated[Path | None, typer.Option(
+        help="SafeWatch-Bench folder or .jsonl manifest (default: labels in the predictions).")
+    ] = None,
+    calibration: Calibration_ = None,
+    as_json: Json_ = False,
+):
+    """Write metrics.json and report.md; with several prediction files, one per run (scored on
+    the videos they all have) plus comparison.md, and print one side-by-side table."""
+    from guardrail.bench.datasets import load_dataset
+
+    data = load_dataset(dataset) if dataset is not None else None
+    _score_and_report(predictions, data, out_dir, calibration, as_json)
+
+
+@bench_app.command("calibrate")
+@_guarded
+def bench_calibrate(
+    predictions: Annotated[Path, typer.Option(help="predictions.jsonl of a labelled split.")],
+    dataset: Annotated[Path | None, typer.Option(
+        help="Labels from this dataset (default: labels in the predictions).")] = None,
+    method: Annotated[str, typer.Option(help="temperature | platt")] = "temperature",
+    policy: Annotated[Path | None, typer.Option(
+        help="Store beside this policy file (x.yaml -> x.calibration.json).")] = None,
+    model: Annotated[Path | None, typer.Option(
+        help="Store in this model directory (calibration/<policy_set>.json).")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Store here instead.")] = None,
+):
+    """Fit per-category score calibration on a labelled split; print ECE before and after."""
+    from guardrail import calibration as cal_mod
+    from guardrail.bench.datasets import load_dataset
+    from guardrail.bench.predictions import join, read_predictions
+    from guardrail.errors import UsageError
+
+    preds, _ = read_predictions(predictions)
+    rows, _ = join(preds, load_dataset(dataset) if dataset is not None else None)
+    if not len(rows.labels):
+        raise UsageError(f"{predictions}: no labelled predictions to fit on")
+    first = next(iter(preds.values())).verdict
+    cal = cal_mod.fit(rows.scores, rows.matrix(rows.labels), rows.category_ids, method,
+                      policy_set=first.policy_set, model=first.model)
+    path = out_file or cal_mod.default_path(policy=policy, model=model,
+                                            policy_set=first.policy_set)
+    cal_mod.save(cal, path)
+    out.print(f"{method} calibration of {len(rows.category_ids)} categories on "
+              f"{cal.n_videos} videos: ECE {cal.ece_before:.4f} -> {cal.ece_after:.4f}; "
+              f"wrote {path}", markup=False)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _score_and_report(files: list[Path], data, out_dir: Path, calibration: Path | None,
+                      as_json: bool) -> None:
+    from guardrail.bench.compare import common_videos, names, table, to_markdown
+    from guardrail.bench.report import write_report
+    from guardrail.bench.score import score, write_metrics
+    from guardrail.calibration import load
+
+    cal = load(calibration) if calibration is not None else None
+    only = common_videos(files) if len(files) > 1 else None
+    runs = []
+    for f, name in zip(files, names(files), strict=True):
+        scored = score(f, data, calibration=cal, name=name, only=only)
+        where = out_dir if len(files) == 1 else out_dir / name
+        write_metrics(scored.metrics, where)
+        write_report(scored, where)
+        runs.append(scored)
+    header, rows = table(runs)
+    if len(files) > 1:
+        (out_dir / "comparison.md").write_text(
+            f"# Comparison on {len(only or ())} common videos\n\n" + to_markdown(header, rows))
+    if as_json:
+        for r in runs:
+            print(json.dumps({"name": r.name, **r.metrics}))
+        return
+    grid = Table(*header, title=f"metrics ({out_dir})")
+    for row in rows:
+        grid.add_row(*row)
+    out.print(grid)
+
+
+class _Progress:
+    """A rich progress bar on a terminal; nothing otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar, self.task = enabled, None, None
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def start(self, todo: int, done: int) -> None:
+        if self.enabled and todo:
+            from rich.progress import Progress
+
+            self.bar = Progress(console=err, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(f"judging ({done} done before)", total=todo)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m guardrail.bench.command run ...`
+    bench_app()
