@@ -5,19 +5,17 @@ user can cause ends in a traceback."""
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from guardrail.bench.command import bench_app
-from guardrail.errors import GuardrailError, PolicyError, UsageError, VideoError
+from guardrail.console import ProgressBar, err, fail, guarded, out, quiet_transformers
+from guardrail.errors import PolicyError, UsageError, VideoError
 from guardrail.layout import LAYOUTS
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -29,28 +27,6 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(video_app, name="video")
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
-
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
-
-
-def _fail(error: GuardrailError, where: str | None = None) -> typer.Exit:
-    prefix = f"{where}: " if where else ""
-    for line in getattr(error, "messages", None) or [str(error)]:
-        err.print(f"{prefix}{line}", markup=False, soft_wrap=True)
-    return typer.Exit(error.exit_code)
-
-
-def guarded(fn):
-    """Map guardrail's typed errors to one stderr line and the error's exit code."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except GuardrailError as error:
-            raise _fail(error) from None
-    return wrapper
-
 
 # ---------------------------------------------------------------------------------- policy
 
@@ -115,7 +91,7 @@ def video_probe(
         info = probe(video, backend=decoder)
         windows = plan_windows(info, SamplingConfig(num_frames=frames, window_s=window))
     except VideoError as error:
-        raise _fail(error, str(video)) from None
+        raise fail(error, str(video)) from None
     if as_json:
         data = {"video": str(video), **info.__dict__,
                 "windows": [{"start_s": w.start_s, "end_s": w.end_s, "indices": list(w.indices),
@@ -182,7 +158,7 @@ def check(
     from guardrail.policy import load_policies
     from guardrail.video import SamplingConfig, load_video
 
-    _quiet_transformers()
+    quiet_transformers()
     sampling = SamplingConfig(num_frames=frames, window_s=window)
     pset = load_policies(policy) if policy else None
     engine = GuardEngine.from_pretrained(
@@ -191,7 +167,8 @@ def check(
         sampling=sampling, max_new_tokens=max_new_tokens, decoder=decoder,
         calibration=calibration)
     bad = 0
-    with _progress(len(videos), enabled=not as_json and sys.stderr.isatty()) as step:
+    with ProgressBar(enabled=not as_json and sys.stderr.isatty() and len(videos) > 1) as bar:
+        bar.start(len(videos))
         for start in range(0, len(videos), batch_size):
             decoded = []
             for path in videos[start: start + batch_size]:
@@ -200,11 +177,11 @@ def check(
                                                      decoder)))
                 except VideoError as error:
                     bad += 1
-                    _fail(error, str(path))
-                    step()
+                    fail(error, str(path))
+                    bar.step()
             verdicts = engine.check_batch([v for _, v in decoded]) if decoded else []
             for (path, _), verdict in zip(decoded, verdicts, strict=True):
-                step()
+                bar.step()
                 if as_json:
                     print(verdict.model_dump_json(), flush=True)
                 else:
@@ -231,39 +208,11 @@ def _print_verdict(path: Path, verdict) -> None:
         out.print(f"EXPLANATION: {verdict.explanation}", markup=False)
 
 
-class _progress:
-    """A rich progress bar on a terminal; nothing otherwise. `with _progress(n) as step:`"""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled, self.bar = total, enabled and total > 1, None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import Progress
-            self.bar = Progress(console=err, transient=True)
-            self.bar.start()
-            task = self.bar.add_task("judging", total=self.total)
-            return lambda: self.bar.advance(task)
-        return lambda: None
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-
-
-def _quiet_transformers() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def main() -> None:  # pragma: no cover - console script entry
     try:
         app()
     except UsageError as error:
-        raise SystemExit(_fail(error).exit_code) from None
+        raise SystemExit(fail(error).exit_code) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

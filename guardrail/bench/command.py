@@ -4,38 +4,18 @@ Exit codes as elsewhere: 0 ran (failed videos are reported, not fatal), 2 bad us
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from guardrail.errors import GuardrailError
+from guardrail.console import ProgressBar, err, guarded, out, quiet_transformers
 
 bench_app = typer.Typer(no_args_is_help=True, add_completion=False,
                         help="Evaluate a model and policy set on a labelled video set.")
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
-
-
-def _guarded(fn):
-    """A GuardrailError becomes one stderr line and its exit code."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except GuardrailError as error:
-            for line in getattr(error, "messages", None) or [str(error)]:
-                err.print(line, markup=False, soft_wrap=True)
-            raise typer.Exit(error.exit_code) from None
-    return wrapper
-
-
 Dataset_ = Annotated[Path, typer.Option(
     "--dataset", help="SafeWatch-Bench folder, or a .jsonl manifest.")]
 Calibration_ = Annotated[Path | None, typer.Option(
@@ -44,7 +24,7 @@ Json_ = Annotated[bool, typer.Option("--json", help="Print metrics as JSON; no p
 
 
 @bench_app.command("run")
-@_guarded
+@guarded
 def bench_run(
     dataset: Dataset_,
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder (resumable).")],
@@ -81,7 +61,7 @@ def bench_run(
     from guardrail.policy import load_policies
     from guardrail.video import SamplingConfig
 
-    _quiet_transformers()
+    quiet_transformers()
     data = load_dataset(dataset).limit(limit)
     pset = load_policies(policy or [DEFAULT_POLICY])
     options = [("layout", layout), ("mode", mode), ("max_new_tokens", max_new_tokens),
@@ -91,8 +71,9 @@ def bench_run(
         options.append(("keep_ratio", keep_ratio))
     spec = EngineSpec(model, pset, device, dtype, tuple(options))
     ray_opts = RayOptions(ray_workers, ray_cpus, ray_gpus, ray_address) if ray else None
-    with _Progress(enabled=not as_json and sys.stderr.isatty()) as bar:
-        result = run(data, spec, out_dir, ray=ray_opts, batch=batch, on_start=bar.start,
+    with ProgressBar(enabled=not as_json and sys.stderr.isatty()) as bar:
+        result = run(data, spec, out_dir, ray=ray_opts, batch=batch,
+                     on_start=lambda todo, done: bar.start(todo, f"judging ({done} done before)"),
                      on_done=lambda _: bar.step())
     err.print(f"judged {result.judged} videos, {result.failed} failed, {result.skipped} already "
               f"done, in {result.elapsed_s:.1f} s", markup=False)
@@ -100,7 +81,7 @@ def bench_run(
 
 
 @bench_app.command("score")
-@_guarded
+@guarded
 def bench_score(
     predictions: Annotated[list[Path], typer.Option(
         help="predictions.jsonl; repeat to compare several runs side by side.")],
@@ -120,7 +101,7 @@ def bench_score(
 
 
 @bench_app.command("calibrate")
-@_guarded
+@guarded
 def bench_calibrate(
     predictions: Annotated[Path, typer.Option(help="predictions.jsonl of a labelled split.")],
     dataset: Annotated[Path | None, typer.Option(
@@ -183,40 +164,6 @@ def _score_and_report(files: list[Path], data, out_dir: Path, calibration: Path 
     for row in rows:
         grid.add_row(*row)
     out.print(grid)
-
-
-class _Progress:
-    """A rich progress bar on a terminal; nothing otherwise."""
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.bar, self.task = enabled, None, None
-
-    def __enter__(self) -> _Progress:
-        return self
-
-    def start(self, todo: int, done: int) -> None:
-        if self.enabled and todo:
-            from rich.progress import Progress
-
-            self.bar = Progress(console=err, transient=True)
-            self.bar.start()
-            self.task = self.bar.add_task(f"judging ({done} done before)", total=todo)
-
-    def step(self) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task)
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-def _quiet_transformers() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m guardrail.bench.command run ...`
