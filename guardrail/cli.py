@@ -190,6 +190,22 @@ def check(
         raise typer.Exit(VideoError.exit_code)
 
 
+@app.command("serve")
+@guarded
+def serve_cmd(
+    model: Annotated[str | None, typer.Option(help="Model directory or hub id.")] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="Serve config (default deploy/serve.yaml).")] = None,
+    host: Annotated[str | None, typer.Option(help="Interface (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+):
+    """Start the HTTP service (SPEC §6) on a local Ray; ready when GET /healthz answers 200."""
+    from guardrail.serve.command import serve
+
+    quiet_transformers()
+    serve(model, config, host, port)
+
+
 def _print_verdict(path: Path, verdict) -> None:
     status = "[bold red]FLAGGED[/]" if verdict.flagged else "[bold green]ok[/]"
     out.print(f"{path}: {status}  ({verdict.policy_set}, {verdict.layout}/{verdict.mode}, "

@@ -1,0 +1,209 @@
+"""The HTTP API (SPEC §6.1) as a FastAPI app over a `Judge`.
+
+    app = create_app(LocalJudge(engine), settings)      # in-process (tests, dev)
+    # or, on Ray Serve, the ingress deployment builds it over the model deployment's handle.
+
+Routes validate, await the pipeline and return a schema; errors become JSON in `errors.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+
+from guardrail.serve.errors import (
+    BadRequest,
+    Forbidden,
+    NotFound,
+    Overloaded,
+    Unauthorized,
+    Unavailable,
+    UnsupportedMediaType,
+    install_error_handlers,
+)
+from guardrail.serve.inputs import Media, read_body
+from guardrail.serve.jobs import JobStore
+from guardrail.serve.judge import Judge
+from guardrail.serve.limits import BodyLimit
+from guardrail.serve.metrics import CONTENT_TYPE, Metrics
+from guardrail.serve.pipeline import Moderator
+from guardrail.serve.registry import PolicyRegistry
+from guardrail.serve.runner import JobRunner, job_request, job_view
+from guardrail.serve.schemas import (
+    Health,
+    JobCreated,
+    JobJSON,
+    JobView,
+    ModerateJSON,
+    ModerationResult,
+    ModerationsRequest,
+    ModerationsResponse,
+    PolicyList,
+    TextPart,
+)
+from guardrail.serve.settings import ServiceSettings
+from guardrail.verdict import Verdict
+
+_BODY = {"requestBody": {"content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "file": {"type": "string", "format": "binary"}}}},
+    "application/json": {"schema": {"$ref": "#/components/schemas/JobJSON"}}}}}
+
+
+def create_app(judge: Judge, settings: ServiceSettings | None = None) -> FastAPI:
+    """The service over `judge`. Raises `UsageError` for settings it cannot serve with (API keys
+    missing on a non-loopback interface, a bad policies directory)."""
+    settings = settings or ServiceSettings(host="127.0.0.1")
+    settings.check_auth()
+    registry = PolicyRegistry(settings.policies_dir, settings.policy_set)
+    metrics = Metrics()
+    moderator = Moderator(judge, settings, registry, metrics)
+    store = JobStore(settings.jobs.db_path, settings.jobs.spool())
+    runner = JobRunner(store, moderator, settings.jobs, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        runner.start()
+        try:
+            yield
+        finally:
+            await runner.stop()
+
+    app = FastAPI(title="guardrail", version="1", lifespan=lifespan)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
+    app.middleware("http")(_observe(metrics))
+    app.include_router(_api(moderator, registry, store, runner, settings),
+                       dependencies=[Depends(_auth(settings.keys()))])
+    app.include_router(_open(judge, moderator, store, metrics))
+    return app
+
+
+def _api(moderator: Moderator, registry: PolicyRegistry, store: JobStore, runner: JobRunner,
+         settings: ServiceSettings) -> APIRouter:
+    api = APIRouter(prefix="/v1")
+
+    @api.post("/moderate", response_model=Verdict, openapi_extra=_BODY)
+    async def moderate(request: Request) -> Verdict:
+        fields, source = await read_body(request, ModerateJSON, moderator.sources)
+        req = moderator.request(fields)
+        with moderator.admitted():
+            return await moderator.moderate(source, req, fields.frames)
+
+    @api.post("/moderations", response_model=ModerationsResponse,
+              dependencies=[Depends(_json_body)])
+    async def moderations(body: ModerationsRequest) -> ModerationsResponse:
+        parts = [body.input] if isinstance(body.input, str) else body.input
+        if not parts or any(isinstance(p, str | TextPart) for p in parts):
+            raise BadRequest("only video_url and image_url inputs are judged; text is not")
+        if len(parts) > settings.limits.max_inputs:
+            raise BadRequest(f"at most {settings.limits.max_inputs} inputs per request")
+        sources = [moderator.sources.from_url(p.video_url.url, "video") if p.type == "video_url"
+                   else moderator.sources.from_url(p.image_url.url, "image") for p in parts]
+        options = body.options()
+        req = moderator.request(options)
+        with moderator.admitted():
+            verdicts = await _all([moderator.moderate(s, req, options.frames) for s in sources])
+        results = [ModerationResult.of(v, s.kind) for v, s in zip(verdicts, sources,
+                                                                  strict=True)]
+        return ModerationsResponse(id=f"modr-{uuid.uuid4().hex}", model=verdicts[0].model,
+                                   results=results)
+
+    @api.post("/jobs", response_model=JobCreated, status_code=202, openapi_extra=_BODY)
+    async def create_job(request: Request) -> JobCreated:
+        fields, source = await read_body(request, JobJSON, moderator.sources)
+        req = moderator.request(fields)
+        if fields.webhook_url is not None and not any(
+                fields.webhook_url.startswith(p) for p in settings.jobs.webhook_allow):
+            raise Forbidden("webhook_url is not allowed (see jobs.webhook_allow)")
+        queued = (await asyncio.to_thread(store.counts)).get("queued", 0)
+        if queued >= settings.jobs.max_queued:
+            raise Overloaded(f"{queued} jobs are queued; try later", settings.load.retry_after_s)
+        data = source.data if isinstance(source, Media) else None
+        job = await asyncio.to_thread(store.create, job_request(req, fields.frames, source),
+                                      data, fields.webhook_url)
+        runner.notify()
+        return JobCreated(id=job.id, status=job.status)
+
+    @api.get("/jobs/{job_id}", response_model=JobView)
+    async def get_job(job_id: str) -> JobView:
+        job = await asyncio.to_thread(store.get, job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}")
+        return job_view(job)
+
+    @api.get("/policies", response_model=PolicyList)
+    async def policies() -> PolicyList:
+        return registry.listing()
+
+    return api
+
+
+def _open(judge: Judge, moderator: Moderator, store: JobStore, metrics: Metrics) -> APIRouter:
+    """Routes without API keys: health for probes, metrics for scrapers on the same network."""
+    router = APIRouter()
+
+    @router.get("/healthz", response_model=Health)
+    async def healthz() -> Health:
+        try:
+            info = await asyncio.wait_for(judge.info(), 5.0)
+        except Exception as err:
+            raise Unavailable(f"model is not ready ({type(err).__name__})", 5) from None
+        return Health(status="ok", model=info.model, policy_set=info.policy_set)
+
+    @router.get("/metrics")
+    async def prometheus() -> Response:
+        counts = await asyncio.to_thread(store.counts)
+        metrics.set_depths({**moderator.depths(), "jobs": counts.get("queued", 0)})
+        metrics.set_jobs(counts)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    return router
+
+
+async def _all(calls: list[Awaitable[Verdict]]) -> list[Verdict]:
+    """Run every call; on the first failure cancel the rest and raise that failure."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in calls]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [t.result() for t in tasks]
+
+
+async def _json_body(request: Request) -> None:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise UnsupportedMediaType("send application/json")
+
+
+def _auth(keys: frozenset[str]) -> Callable:
+    async def check(request: Request) -> None:
+        if not keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not any(
+                hmac.compare_digest(token.strip().encode(), k.encode()) for k in keys):
+            raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)")
+    return check
+
+
+def _observe(metrics: Metrics) -> Callable:
+    async def observe(request: Request, call_next):
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            metrics.observe_request(getattr(route, "path", "other"), request.method, status,
+                                    time.perf_counter() - t0)
+    return observe

@@ -1,0 +1,261 @@
+"""`guardrail serve`: start the HTTP service from a Serve config file (deploy/serve.yaml).
+
+    server = serve("/tmp/m", block=False)     # local Ray on this machine, proxy on 127.0.0.1:8000
+    ...                                        # ready: GET /healthz answered 200
+    server.stop()
+
+`backend="ray"` (default) starts a local Ray unless one is running or `ray_address` names a
+cluster; `backend="local"` runs the same FastAPI app in-process with uvicorn, without Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from guardrail.errors import ModelError, UsageError
+from guardrail.serve.settings import ServiceSettings
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve.yaml"
+
+
+class Server:
+    """A running service: its base URL, and `stop()` (idempotent)."""
+
+    def __init__(self, url: str, stop: Callable[[], None]):
+        self.url = url
+        self._stop: Callable[[], None] | None = stop
+
+    def stop(self) -> None:
+        stop, self._stop = self._stop, None
+        if stop is not None:
+            stop()
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The parts of a Serve config file that `serve` uses, with the overrides applied."""
+
+    host: str
+    port: int
+    http_options: dict[str, Any]
+    proxy_location: str | None
+    app_name: str
+    route_prefix: str
+    settings: ServiceSettings
+    deployments: dict[str, dict[str, Any]]
+
+
+def serve(model: str | None = None, config: str | os.PathLike | None = None,
+          host: str | None = None, port: int | None = None, *, backend: str = "ray",
+          ray_address: str | None = None, num_gpus: float | None = None,
+          api_keys: list[str] | None = None, jobs_db: str | None = None,
+          policies_dir: str | None = None, block: bool = True,
+          ready_timeout_s: float = 600.0) -> Server | None:
+    """Start the service; ready when GET /healthz answers 200. Blocks until SIGINT/SIGTERM
+    when `block`, else returns a `Server` to stop it. Raises UsageError for bad settings."""
+    cfg = load_config(config, model=model, host=host, port=port, api_keys=api_keys,
+                      jobs_db=jobs_db, policies_dir=policies_dir)
+    cfg.settings.check_auth()
+    if backend not in ("ray", "local"):
+        raise UsageError(f"backend must be ray or local, not {backend!r}")
+    url = f"http://{_url_host(cfg.host)}:{cfg.port}"
+    try:
+        stop = _start_ray(cfg, ray_address, num_gpus) if backend == "ray" else _start_local(cfg)
+    except KeyboardInterrupt:  # Ctrl-C while starting: the backend has cleaned up
+        return None
+    try:
+        wait_ready(url, ready_timeout_s)
+    except BaseException as err:
+        stop()
+        if isinstance(err, KeyboardInterrupt):
+            return None
+        raise
+    if not block:
+        return Server(url, stop)
+    print(f"guardrail: serving on {url} (backend {backend}); Ctrl-C stops", file=sys.stderr)
+    _wait_for_signal()
+    stop()
+    return None
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> ServeConfig:
+    """Read a Serve config (validated as Ray validates it) and apply the overrides that are
+    not None: model, host, port, api_keys, jobs_db, policies_dir."""
+    from ray.serve.schema import ServeDeploySchema
+
+    source = Path(path) if path is not None else DEFAULT_CONFIG
+    raw: dict[str, Any] = {}
+    if path is not None or source.exists():
+        try:
+            raw = yaml.safe_load(source.read_text()) or {}
+            schema = ServeDeploySchema.model_validate(raw)
+        except (OSError, yaml.YAMLError, ValueError) as err:
+            raise UsageError(f"{source}: not a usable Serve config ({_first_line(err)})") from None
+        if len(schema.applications) != 1:
+            raise UsageError(f"{source}: expected exactly one application")
+    apps = raw.get("applications") or [{}]
+    app = apps[0]
+    http = dict(raw.get("http_options") or {})
+    host = overrides.get("host") or http.get("host") or "127.0.0.1"
+    port = int(overrides.get("port") or http.get("port") or 8000)
+    args = dict(app.get("args") or {})
+    args["host"] = host
+    for key in ("model", "api_keys", "policies_dir"):
+        if overrides.get(key) is not None:
+            args[key] = overrides[key]
+    jobs = dict(args.get("jobs") or {})
+    jobs["db_path"] = os.path.abspath(overrides.get("jobs_db") or jobs.get("db_path")
+                                      or "guardrail-jobs.sqlite")
+    args["jobs"] = jobs
+    if args.get("policies_dir"):
+        args["policies_dir"] = os.path.abspath(args["policies_dir"])
+    try:
+        settings = ServiceSettings.model_validate(args)
+    except ValueError as err:
+        raise UsageError(f"{source}: args: {_first_line(err)}") from None
+    deployments = {d["name"]: {k: v for k, v in d.items() if k != "name"}
+                   for d in app.get("deployments") or []}
+    return ServeConfig(host, port, {**http, "host": host, "port": port},
+                       raw.get("proxy_location"), app.get("name", "guardrail"),
+                       app.get("route_prefix", "/"), settings, deployments)
+
+
+def wait_ready(url: str, timeout_s: float) -> None:
+    """Poll GET /healthz until it answers 200."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            reply = httpx.get(f"{url}/healthz", timeout=5)
+            if reply.status_code == 200:
+                return
+            last = f"HTTP {reply.status_code}"
+        except httpx.HTTPError as err:
+            last = type(err).__name__
+        time.sleep(0.25)
+    raise ModelError(f"the service at {url} was not ready after {timeout_s:g} s ({last})")
+
+
+# --- backends ----------------------------------------------------------------------------------
+
+
+def _start_ray(cfg: ServeConfig, address: str | None, num_gpus: float | None) -> Callable[[], None]:
+    import ray
+    from ray import serve as ray_serve
+
+    from guardrail.serve.deployment import INGRESS, MODEL, GuardIngress, GuardModel
+
+    started = not ray.is_initialized()
+    if started and not address:
+        _check_port_free(cfg.host, cfg.port)  # else a running Serve may own the port already
+    if started and address:
+        ray.init(address=address, include_dashboard=False, logging_level="warning")
+    elif started:
+        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1),
+                 include_dashboard=False, logging_level="warning")
+
+    def stop() -> None:
+        """Our own local Ray goes entirely; on a Ray we did not start, only our application."""
+        if started and not address:
+            ray_serve.shutdown()
+            ray.shutdown()
+        else:
+            with suppress(Exception):  # Serve may not have started
+                ray_serve.delete(cfg.app_name)
+            if started:
+                ray.shutdown()
+
+    try:
+        model_opts = dict(cfg.deployments.get(MODEL, {}))
+        actor = dict(model_opts.get("ray_actor_options") or {})
+        if num_gpus is not None or "num_gpus" not in actor:
+            actor["num_gpus"] = num_gpus if num_gpus is not None else _local_gpus()
+        model_opts["ray_actor_options"] = actor
+        have = ray.cluster_resources().get("GPU", 0)
+        if actor["num_gpus"] > have and not address:
+            raise UsageError(f"{MODEL} asks for {actor['num_gpus']} GPU(s); this Ray has {have}")
+        data = cfg.settings.model_dump(mode="json")
+        model = GuardModel.options(**model_opts).bind(data)
+        app = GuardIngress.options(**cfg.deployments.get(INGRESS, {})).bind(model, data)
+        ray_serve.start(http_options=cfg.http_options, proxy_location=cfg.proxy_location)
+        ray_serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix)
+    except BaseException as err:
+        stop()
+        if isinstance(err, RuntimeError):
+            raise ModelError(f"the application did not start ({_first_line(err)})") from None
+        raise
+    return stop
+
+
+def _start_local(cfg: ServeConfig) -> Callable[[], None]:
+    import uvicorn
+
+    from guardrail.serve.app import create_app
+    from guardrail.serve.judge import LocalJudge, load_engine
+
+    _check_port_free(cfg.host, cfg.port)
+    s = cfg.settings
+    app = create_app(LocalJudge(load_engine(s), s.load.max_queued, s.load.retry_after_s), s)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, name="guardrail-uvicorn", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+    return stop
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+
+        return 1 if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise UsageError(f"cannot listen on {host}:{port} ({err.strerror})") from None
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _wait_for_signal() -> None:
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.wait(1.0):
+        pass
+
+
+def _first_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300]

@@ -1,0 +1,211 @@
+"""Jobs in SQLite: a job accepted is never lost.
+
+A job is written (its upload spooled to a file first, then its row) before the client hears its
+id. Runners *claim* jobs with a lease they renew while working; a job whose lease ran out (its
+runner died, the service restarted) is claimed again, up to `max_attempts` runs. Webhook
+deliveries are rows in the same table with their own retry schedule, so they resume too.
+Every method is blocking and short: call them with `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+import uuid
+from contextlib import closing, contextmanager, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,                 -- queued | running | succeeded | failed
+    request TEXT NOT NULL,                -- JSON: options, policy set, source
+    input_path TEXT,                      -- spooled upload, removed when the job ends
+    verdict TEXT, error TEXT,             -- JSON
+    owner TEXT, lease_until REAL, attempts INTEGER NOT NULL DEFAULT 0,
+    webhook_url TEXT, webhook_state TEXT, -- NULL | pending | delivered | failed
+    webhook_attempts INTEGER NOT NULL DEFAULT 0, webhook_due REAL,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at);
+CREATE INDEX IF NOT EXISTS jobs_webhook ON jobs (webhook_state, webhook_due);
+"""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    status: str
+    request: dict
+    input_path: str | None
+    verdict: dict | None
+    error: dict | None
+    attempts: int
+    webhook_url: str | None
+    webhook_state: str | None
+    webhook_attempts: int
+    created_at: float
+    updated_at: float
+
+    @staticmethod
+    def iso(ts: float) -> str:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+class JobStore:
+    def __init__(self, db_path: str | os.PathLike, spool_dir: str | os.PathLike):
+        self.path = str(db_path)
+        self.spool = Path(spool_dir)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.spool.mkdir(parents=True, exist_ok=True)
+        with closing(sqlite3.connect(self.path, timeout=30)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _tx(self, write: bool = True):
+        """One connection per call (thread-safe); writes BEGIN IMMEDIATE so claims never race."""
+        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    def create(self, request: dict, data: bytes | None, webhook_url: str | None) -> Job:
+        job_id = "job-" + uuid.uuid4().hex
+        input_path = None
+        if data is not None:
+            input_path = str(self.spool / job_id)
+            _write_durably(input_path, data)
+        now = time.time()
+        with self._tx() as db:
+            db.execute("INSERT INTO jobs (id, status, request, input_path, webhook_url, "
+                       "created_at, updated_at) VALUES (?, 'queued', ?, ?, ?, ?, ?)",
+                       (job_id, json.dumps(request), input_path, webhook_url, now, now))
+        job = self.get(job_id)
+        assert job is not None, "a job just written is readable"
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._tx(write=False) as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def claim(self, owner: str, lease_s: float, max_attempts: int) -> Job | None:
+        """The oldest queued job, or a running one whose lease ran out; marked running."""
+        now = time.time()
+        with self._tx() as db:
+            while True:
+                row = db.execute(
+                    "SELECT * FROM jobs WHERE status = 'queued' OR (status = 'running' AND "
+                    "lease_until < ?) ORDER BY created_at LIMIT 1", (now,)).fetchone()
+                if row is None:
+                    return None
+                if row["attempts"] >= max_attempts:
+                    error = {"type": "job_failed",
+                             "message": f"gave up after {row['attempts']} attempts"}
+                    self._end(db, row["id"], None, error, now)
+                    continue
+                db.execute("UPDATE jobs SET status = 'running', owner = ?, lease_until = ?, "
+                           "attempts = attempts + 1, updated_at = ? WHERE id = ?",
+                           (owner, now + lease_s, now, row["id"]))
+                return _job(db.execute("SELECT * FROM jobs WHERE id = ?",
+                                       (row["id"],)).fetchone())
+
+    def renew(self, job_id: str, owner: str, lease_s: float) -> bool:
+        with self._tx() as db:
+            cur = db.execute("UPDATE jobs SET lease_until = ? WHERE id = ? AND owner = ? AND "
+                             "status = 'running'", (time.time() + lease_s, job_id, owner))
+        return cur.rowcount == 1
+
+    def release(self, job_id: str, owner: str, count_attempt: bool = False) -> None:
+        """Back to queued (shutdown, or a full engine): another run picks it up."""
+        undo = 0 if count_attempt else 1
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET status = 'queued', owner = NULL, lease_until = NULL, "
+                       "attempts = attempts - ?, updated_at = ? WHERE id = ? AND owner = ? AND "
+                       "status = 'running'", (undo, time.time(), job_id, owner))
+
+    def finish(self, job_id: str, owner: str, verdict: dict | None, error: dict | None) -> bool:
+        """Record the result if this runner still holds the job; False if it lost it."""
+        with self._tx() as db:
+            row = db.execute("SELECT owner, status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or row["owner"] != owner or row["status"] != "running":
+                return False
+            self._end(db, job_id, verdict, error, time.time())
+        return True
+
+    def _end(self, db, job_id: str, verdict: dict | None, error: dict | None, now: float):
+        row = db.execute("SELECT input_path, webhook_url FROM jobs WHERE id = ?",
+                         (job_id,)).fetchone()
+        db.execute("UPDATE jobs SET status = ?, verdict = ?, error = ?, owner = NULL, "
+                   "lease_until = NULL, updated_at = ?, webhook_state = ?, webhook_due = ? "
+                   "WHERE id = ?",
+                   ("failed" if error else "succeeded", _dump(verdict), _dump(error), now,
+                    "pending" if row["webhook_url"] else None, now, job_id))
+        if row["input_path"]:
+            with suppress(FileNotFoundError):
+                os.unlink(row["input_path"])
+
+    def counts(self) -> dict[str, int]:
+        with self._tx(write=False) as db:
+            rows = db.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
+        return {r["status"]: r["n"] for r in rows}
+
+    # --- webhooks -------------------------------------------------------------------------
+
+    def claim_webhook(self, lease_s: float) -> Job | None:
+        """A pending delivery that is due; pushed `lease_s` into the future while it is tried."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE webhook_state = 'pending' AND "
+                             "webhook_due <= ? ORDER BY webhook_due LIMIT 1", (now,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET webhook_due = ?, webhook_attempts = webhook_attempts + 1"
+                       " WHERE id = ?", (now + lease_s, row["id"]))
+            return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
+
+    def webhook_result(self, job_id: str, state: str, retry_in_s: float = 0.0) -> None:
+        """`delivered`, `failed` (for good), or `pending` again after `retry_in_s`."""
+        assert state in ("delivered", "failed", "pending"), state
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET webhook_state = ?, webhook_due = ? WHERE id = ?",
+                       (state, time.time() + retry_in_s, job_id))
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(id=row["id"], status=row["status"], request=json.loads(row["request"]),
+               input_path=row["input_path"], verdict=_load(row["verdict"]),
+               error=_load(row["error"]), attempts=row["attempts"],
+               webhook_url=row["webhook_url"], webhook_state=row["webhook_state"],
+               webhook_attempts=row["webhook_attempts"], created_at=row["created_at"],
+               updated_at=row["updated_at"])
+
+
+def _dump(value: dict | None) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def _load(text: str | None) -> dict | None:
+    return None if text is None else json.loads(text)
+
+
+def _write_durably(path: str, data: bytes) -> None:
+    tmp = path + ".part"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

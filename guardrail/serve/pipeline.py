@@ -1,0 +1,76 @@
+"""One moderation, end to end: options → policy set, source → media → frames → verdict.
+
+Shared by the routes and the job runner. Decoding runs in threads (bounded), the engine behind a
+`Judge`; the whole call is bounded in time, and the number of calls in flight is bounded too
+(the rest get 429 at once rather than waiting in an unbounded queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import contextmanager
+
+from guardrail.serve.errors import BadRequest, Overloaded, RequestTimeout
+from guardrail.serve.inputs import Source, Sources
+from guardrail.serve.judge import Judge, JudgeRequest
+from guardrail.serve.metrics import Metrics
+from guardrail.serve.registry import PolicyRegistry
+from guardrail.serve.schemas import Options
+from guardrail.serve.settings import ServiceSettings
+from guardrail.verdict import Verdict
+
+
+class Moderator:
+    def __init__(self, judge: Judge, settings: ServiceSettings, registry: PolicyRegistry,
+                 metrics: Metrics):
+        self.judge = judge
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self.sources = Sources(settings)
+        self.inflight = 0
+        self._decoders = asyncio.Semaphore(settings.load.decode_workers)
+
+    @contextmanager
+    def admitted(self):
+        """A slot for one request, or 429 when `load.max_inflight` are already in."""
+        if self.inflight >= self.settings.load.max_inflight:
+            raise Overloaded(f"server is busy ({self.inflight} requests in flight)",
+                             self.settings.load.retry_after_s)
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+
+    def request(self, options: Options) -> JudgeRequest:
+        """Validate the options before any decoding (bad policy YAML is a 422 at once)."""
+        if options.frames is not None and options.frames > self.settings.limits.max_frames:
+            raise BadRequest(f"frames must be at most {self.settings.limits.max_frames}")
+        return JudgeRequest(self.registry.resolve(options), options.mode, options.keep_ratio)
+
+    async def moderate(self, source: Source, request: JudgeRequest, frames: int | None = None,
+                       timeout_s: float | None = None) -> Verdict:
+        """Judge one video within `timeout_s` (default: the request timeout)."""
+        timeout = timeout_s or self.settings.load.request_timeout_s
+        try:
+            return await asyncio.wait_for(self._run(source, request, frames), timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"moderation took longer than {timeout:g} s") from None
+
+    async def _run(self, source: Source, request: JudgeRequest, frames: int | None) -> Verdict:
+        media = await self.sources.fetch(source)
+        t0 = time.perf_counter()
+        async with self._decoders:
+            video = await asyncio.to_thread(self.sources.decode, media, frames)
+        decode_ms = (time.perf_counter() - t0) * 1e3
+        verdict = await self.judge.check(video, request)
+        timing = verdict.timing_ms
+        verdict = verdict.model_copy(update={"timing_ms": timing.model_copy(update={
+            "decode_video": timing.decode_video + decode_ms, "total": timing.total + decode_ms})})
+        self.metrics.observe_verdict(verdict, self.registry.label(verdict.policy_set))
+        return verdict
+
+    def depths(self) -> dict[str, int]:
+        return {"requests": self.inflight, "engine": self.judge.depth()}

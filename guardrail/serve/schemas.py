@@ -1,0 +1,150 @@
+"""Request and response bodies of the HTTP API (SPEC §6.1). The verdict is `guardrail.verdict`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from guardrail.verdict import Mode, Verdict
+
+JobStatus = Literal["queued", "running", "succeeded", "failed"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Options(_Request):
+    """How to judge: every field optional, the service's settings fill the rest."""
+
+    policy: str | None = Field(None, description="Policy YAML text (one set).")
+    policy_set: str | None = Field(None, description="A registered set name (GET /v1/policies).")
+    mode: Mode | None = None
+    keep_ratio: float | None = Field(None, gt=0.0, le=1.0)
+    frames: int | None = Field(None, ge=1, description="Frames per window.")
+
+
+class ModerateJSON(Options):
+    """POST /v1/moderate as JSON: exactly one of `video_base64` or `video_url`."""
+
+    video_base64: str | None = Field(None, description="The video file, base64.")
+    video_url: str | None = Field(
+        None, description="data: URL, or an allow-listed http(s) URL or file:// path.")
+
+
+class JobJSON(ModerateJSON):
+    """POST /v1/jobs as JSON."""
+
+    webhook_url: str | None = Field(None, description="POSTed the job when it ends.")
+
+
+# --- OpenAI-compatible moderation ----------------------------------------------------------------
+
+class MediaURL(BaseModel):
+    url: str
+
+
+class VideoPart(BaseModel):
+    type: Literal["video_url"]
+    video_url: MediaURL
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: MediaURL
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+Part = VideoPart | ImagePart | TextPart
+
+
+class ModerationsRequest(BaseModel):
+    """OpenAI's moderation request; `policy`/`policy_set`/... may come through `extra_body`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    input: str | list[str] | list[Part] = Field(
+        description="video_url / image_url parts (text is not judged).")
+    policy: str | None = None
+    policy_set: str | None = None
+    mode: Mode | None = None
+    keep_ratio: float | None = Field(None, gt=0.0, le=1.0)
+    frames: int | None = Field(None, ge=1)
+
+    def options(self) -> Options:
+        return Options(policy=self.policy, policy_set=self.policy_set, mode=self.mode,
+                       keep_ratio=self.keep_ratio, frames=self.frames)
+
+
+class ModerationResult(BaseModel):
+    flagged: bool
+    categories: dict[str, bool]
+    category_scores: dict[str, float]
+    category_applied_input_types: dict[str, list[str]]
+
+    @classmethod
+    def of(cls, verdict: Verdict, input_type: str) -> ModerationResult:
+        cats = verdict.categories
+        return cls(flagged=verdict.flagged,
+                   categories={c.name: c.flagged for c in cats},
+                   category_scores={c.name: c.score for c in cats},
+                   category_applied_input_types={c.name: [input_type] for c in cats})
+
+
+class ModerationsResponse(BaseModel):
+    id: str
+    model: str
+    results: list[ModerationResult]
+
+
+# --- jobs, policies, health -------------------------------------------------------------------
+
+class ErrorInfo(BaseModel):
+    type: str
+    message: str
+
+
+class JobCreated(BaseModel):
+    id: str
+    status: JobStatus
+
+
+class JobView(BaseModel):
+    id: str
+    status: JobStatus
+    verdict: Verdict | None = None
+    error: ErrorInfo | None = None
+    created_at: str
+    updated_at: str
+
+
+class CategoryInfo(BaseModel):
+    id: str
+    name: str
+    threshold: float
+    severity: str | None = None
+
+
+class PolicySetInfo(BaseModel):
+    name: str
+    version: int
+    description: str | None
+    default: bool
+    categories: list[CategoryInfo]
+
+
+class PolicyList(BaseModel):
+    default: str
+    policy_sets: list[PolicySetInfo]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model: str
+    policy_set: str

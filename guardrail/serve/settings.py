@@ -1,0 +1,141 @@
+"""Service settings: the `args` of the application in a Serve config file (deploy/serve.yaml).
+
+One pydantic model, so a typo in the YAML is an error naming the key. The same settings drive the
+in-process app (`create_app`), the Ray Serve deployments and the `serve(...)` command.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from guardrail.engine import MODES
+from guardrail.errors import UsageError
+from guardrail.layout import LAYOUTS
+from guardrail.video import SamplingConfig, VideoLimits
+
+REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
+API_KEYS_ENV = "GUARDRAIL_API_KEYS"
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Limits(_Settings):
+    max_upload_bytes: int = Field(256 << 20, gt=0, description="Largest video accepted, bytes.")
+    max_duration_s: float = Field(4 * 3600, gt=0, description="Longest video accepted.")
+    max_pixels: int = Field(4096 * 4096, gt=0, description="Largest frame, width * height.")
+    decode_timeout_s: float = Field(60.0, gt=0, description="Bound on probing + decoding.")
+    max_frames: int = Field(64, ge=1, description="Largest `frames` a request may ask for.")
+    max_inputs: int = Field(16, ge=1, description="Media parts per /v1/moderations call.")
+
+    def video_limits(self) -> VideoLimits:
+        return VideoLimits(max_bytes=self.max_upload_bytes, max_duration_s=self.max_duration_s,
+                           max_pixels=self.max_pixels, timeout_s=self.decode_timeout_s)
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest request body: a base64 upload (4/3 of the bytes) plus room for the rest."""
+        return self.max_upload_bytes * 4 // 3 + (4 << 20)
+
+
+class Batching(_Settings):
+    max_batch_size: int = Field(4, ge=1, description="Videos per engine.check_batch call.")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="Wait to fill a batch.")
+
+
+class Load(_Settings):
+    max_inflight: int = Field(32, ge=1, description="Requests decoding or judging per ingress.")
+    max_queued: int = Field(16, ge=0, description="Local engine: requests waiting for it.")
+    decode_workers: int = Field(2, ge=1, description="Threads decoding videos per ingress.")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After on 429/503 replies.")
+    request_timeout_s: float = Field(120.0, gt=0, description="Bound on one moderation call.")
+
+
+class Jobs(_Settings):
+    db_path: str = Field("guardrail-jobs.sqlite", description="SQLite file; created if missing.")
+    spool_dir: str | None = Field(None, description="Uploaded job inputs; default <db>.inputs.")
+    workers: int = Field(1, ge=0, description="Jobs run at once per ingress (0: accept only).")
+    max_queued: int = Field(1000, ge=1, description="Queued jobs before POST /v1/jobs is 429.")
+    lease_s: float = Field(30.0, gt=0, description="A running job not renewed this long resumes.")
+    max_attempts: int = Field(3, ge=1, description="Runs of one job before it fails for good.")
+    timeout_s: float = Field(3600.0, gt=0, description="Bound on one job.")
+    poll_s: float = Field(0.5, gt=0, description="Idle runner poll interval.")
+    webhook_attempts: int = Field(6, ge=1, description="Deliveries tried per webhook.")
+    webhook_backoff_s: float = Field(1.0, gt=0, description="First retry delay; doubles after.")
+    webhook_max_backoff_s: float = Field(300.0, gt=0)
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_allow: list[str] = Field(
+        default_factory=lambda: ["http://", "https://"],
+        description="URL prefixes a webhook_url must start with.")
+
+    def spool(self) -> Path:
+        return Path(self.spool_dir) if self.spool_dir else Path(self.db_path + ".inputs")
+
+
+class ServiceSettings(_Settings):
+    """Everything the HTTP service needs to know; `args:` in deploy/serve.yaml."""
+
+    model: str | None = Field(None, description="Model dir or hub id; default $GUARDRAIL_MODEL.")
+    device: str = "auto"
+    dtype: str = "auto"
+    attn: str = "auto"
+    policies_dir: str = Field(str(REPO_POLICIES), description="Registered policy sets (*.yaml).")
+    policy_set: str = Field("safewatch", description="Set used when a request names none.")
+    layout: str = "parallel"
+    mode: str = "fast"
+    frames: int = Field(8, ge=1, description="Frames per window unless a request says.")
+    window_s: float | None = Field(None, gt=0, description="Judge long videos in windows.")
+    max_new_tokens: int = Field(256, ge=1)
+    keep_ratio: float = Field(1.0, gt=0, le=1, description="PVTP share of video tokens kept.")
+    pruning_mode: str = Field("kv", description="kv | pre_prefill")
+    batch_size: int = Field(8, ge=1, description="Windows per forward pass in the engine.")
+    decoder: str = "auto"
+    host: str | None = Field(None, description="Interface the HTTP proxy binds; None = unknown.")
+    api_keys: list[str] = Field(default_factory=list, description=f"Also ${API_KEYS_ENV}.")
+    allow_paths: list[str] = Field(default_factory=list, description="Readable server dirs.")
+    allow_urls: list[str] = Field(default_factory=list, description="Fetchable URL prefixes.")
+    limits: Limits = Field(default_factory=Limits)
+    load: Load = Field(default_factory=Load)
+    batching: Batching = Field(default_factory=Batching)
+    jobs: Jobs = Field(default_factory=Jobs)
+
+    @model_validator(mode="after")
+    def _known_choices(self) -> ServiceSettings:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}")
+        if self.frames > self.limits.max_frames:
+            raise ValueError("frames is over limits.max_frames")
+        return self
+
+    def sampling(self, frames: int | None = None) -> SamplingConfig:
+        return SamplingConfig(num_frames=frames or self.frames, window_s=self.window_s)
+
+    def keys(self) -> frozenset[str]:
+        """API keys from the settings and from $GUARDRAIL_API_KEYS (comma-separated)."""
+        extra = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",")]
+        return frozenset(k for k in [*self.api_keys, *extra] if k)
+
+    def check_auth(self) -> None:
+        """API keys are optional on loopback and required on any other (or unknown) interface."""
+        if not self.keys() and not is_loopback(self.host):
+            where = self.host or "an unknown interface"
+            raise UsageError(f"serving on {where} needs API keys: set ${API_KEYS_ENV} or "
+                             "api_keys in the config, or bind to 127.0.0.1")
+
+
+def is_loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

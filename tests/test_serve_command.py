@@ -1,0 +1,93 @@
+"""`serve(...)` (the `guardrail serve` command) and the files in deploy/, without Ray."""
+
+from __future__ import annotations
+
+import base64
+import socket
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import videos
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from guardrail.errors import UsageError
+from guardrail.serve.command import load_config, serve
+from guardrail.serve.settings import ServiceSettings
+from guardrail.tiny import make_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_deploy_serve_yaml_is_a_valid_serve_config():
+    cfg = load_config(ROOT / "deploy" / "serve.yaml")
+    assert (cfg.host, cfg.port, cfg.app_name) == ("127.0.0.1", 8000, "guardrail")
+    assert cfg.settings.host == "127.0.0.1" and cfg.settings.policy_set == "safewatch"
+    assert Path(cfg.settings.jobs.db_path).is_absolute()
+    assert set(cfg.deployments) == {"GuardIngress", "GuardModel"}
+    assert cfg.deployments["GuardModel"]["max_queued_requests"] > 0  # bounded queue
+
+
+def test_rayservice_embeds_a_valid_serve_config():
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "rayservice.yaml").read_text()))
+    service = next(d for d in docs if d["kind"] == "RayService")
+    serve_cfg = yaml.safe_load(service["spec"]["serveConfigV2"])
+    schema = ServeDeploySchema.model_validate(serve_cfg)
+    app = serve_cfg["applications"][0]
+    settings = ServiceSettings.model_validate(app["args"])
+    assert schema.http_options.host == settings.host == "0.0.0.0"
+    model = next(d for d in app["deployments"] if d["name"] == "GuardModel")
+    assert model["ray_actor_options"]["num_gpus"] == 1 and model["max_queued_requests"] > 0
+
+
+def test_overrides_and_bad_configs(tmp_path):
+    cfg = load_config(ROOT / "deploy" / "serve.yaml", model="/m", host="0.0.0.0", port=9,
+                      api_keys=["k"], jobs_db=str(tmp_path / "j.sqlite"))
+    assert (cfg.host, cfg.port) == ("0.0.0.0", 9)
+    assert cfg.settings.model == "/m" and cfg.settings.host == "0.0.0.0"
+    assert cfg.settings.jobs.db_path == str(tmp_path / "j.sqlite")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications:\n  - import_path: x:y\n    args: {frames: 0}\n")
+    with pytest.raises(UsageError, match="bad.yaml: args: .*frames"):
+        load_config(bad)
+    bad.write_text("applications: 3\n")
+    with pytest.raises(UsageError, match="not a usable Serve config"):
+        load_config(bad)
+    with pytest.raises(UsageError, match="not a usable Serve config"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_refuses_other_interfaces_without_keys(monkeypatch):
+    monkeypatch.delenv("GUARDRAIL_API_KEYS", raising=False)
+    with pytest.raises(UsageError, match="needs API keys"):
+        serve("/nonexistent", host="0.0.0.0", port=free_port(), block=False)
+
+
+def test_local_backend_serves_the_openai_client(tmp_path, tmp_path_factory, video_files):
+    model = tmp_path_factory.getbasetemp() / "serve-tiny-qwen2_5_vl"  # shared by test_serve_*
+    if not (model / "config.json").exists():
+        make_tiny(model, "qwen2_5_vl")
+    server = serve(str(model), port=free_port(), backend="local", block=False,
+                   jobs_db=str(tmp_path / "jobs.sqlite"), ready_timeout_s=120)
+    try:
+        assert httpx.get(f"{server.url}/healthz", timeout=10).json()["status"] == "ok"
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        mp4 = base64.b64encode(video_files["webm_vp9"].read_bytes()).decode()
+        png = base64.b64encode(videos.encode_png()).decode()
+        result = client.moderations.create(model="guardrail", input=[
+            {"type": "video_url", "video_url": {"url": f"data:video/webm;base64,{mp4}"}},
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}])
+        assert len(result.results) == 2 and result.model == str(model)
+        assert set(result.results[0].category_scores.model_extra) >= {"Sexual Content"}
+    finally:
+        server.stop()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{server.url}/healthz", timeout=2)

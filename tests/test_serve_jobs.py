@@ -1,0 +1,220 @@
+"""Async jobs (SPEC §6.1): SQLite persistence, resumption after a restart, webhook retries."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from guardrail.engine import GuardEngine
+from guardrail.serve.app import create_app
+from guardrail.serve.inputs import Media
+from guardrail.serve.jobs import JobStore
+from guardrail.serve.judge import JudgeRequest, LocalJudge
+from guardrail.serve.runner import job_request
+from guardrail.serve.settings import Jobs, ServiceSettings
+from guardrail.tiny import make_tiny
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> GuardEngine:
+    path = tmp_path_factory.getbasetemp() / "serve-tiny-qwen2_5_vl"  # shared by test_serve_*
+    return GuardEngine.from_pretrained(
+        path if (path / "config.json").exists() else make_tiny(path, "qwen2_5_vl"))
+
+
+@pytest.fixture(scope="module")
+def clip(video_files) -> bytes:
+    return video_files["mp4_h264"].read_bytes()
+
+
+def jobs(tmp: Path, **changes) -> Jobs:
+    base = {"db_path": str(tmp / "jobs.sqlite"), "poll_s": 0.05, "lease_s": 2.0,
+            "webhook_backoff_s": 0.05}
+    return Jobs(**{**base, **changes})
+
+
+def app_for(engine, tmp: Path, **job_changes):
+    settings = ServiceSettings(host="127.0.0.1", frames=2, jobs=jobs(tmp, **job_changes))
+    return create_app(LocalJudge(engine), settings)
+
+
+def submit(client, data: bytes, **fields) -> str:
+    reply = client.post("/v1/jobs", files={"file": ("v.mp4", data, "video/mp4")}, data=fields)
+    assert reply.status_code == 202, reply.text
+    assert reply.json()["status"] == "queued"
+    return reply.json()["id"]
+
+
+def wait_job(client, job_id: str, timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.05)
+    pytest.fail(f"job {job_id} did not end in {timeout_s} s")
+
+
+def wait_for(condition, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1 that answers with scripted statuses, then 200."""
+
+    def __init__(self, statuses: list[int]):
+        self.statuses, self.calls = list(statuses), []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                outer.calls.append((dict(self.headers), json.loads(body)))
+                self.send_response(outer.statuses.pop(0) if outer.statuses else 200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, n: int, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.calls) < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_job_result_matches_moderate(engine, tmp_path, clip):
+    with TestClient(app_for(engine, tmp_path)) as c:
+        job = wait_job(c, submit(c, clip, frames="4"))
+        direct = c.post("/v1/moderate", files={"file": ("v.mp4", clip, "video/mp4")},
+                        data={"frames": "4"}).json()
+    assert job["status"] == "succeeded" and job["error"] is None
+    assert set(job) == {"id", "status", "verdict", "error", "created_at", "updated_at"}
+    assert job["created_at"] <= job["updated_at"]
+    assert [c["score"] for c in job["verdict"]["categories"]] == \
+        [c["score"] for c in direct["categories"]]
+
+
+def test_bad_video_job_fails_with_typed_error(engine, tmp_path):
+    with TestClient(app_for(engine, tmp_path)) as c:
+        job = wait_job(c, submit(c, b"definitely not a video"))
+        assert c.get("/v1/jobs/job-nope").status_code == 404
+    assert job["status"] == "failed" and job["verdict"] is None
+    assert job["error"]["type"] == "unsupported_media"
+
+
+def test_job_from_an_allow_listed_server_path(engine, tmp_path, clip):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "v.mp4").write_bytes(clip)
+    settings = ServiceSettings(host="127.0.0.1", frames=2, allow_paths=[str(tmp_path / "in")],
+                               jobs=jobs(tmp_path))
+    with TestClient(create_app(LocalJudge(engine), settings)) as c:
+        ok = c.post("/v1/jobs", json={"video_url": f"file://{tmp_path}/in/v.mp4"})
+        refused = c.post("/v1/jobs", json={"video_url": "file:///etc/hostname"})
+        assert ok.status_code == 202 and refused.status_code == 403
+        assert wait_job(c, ok.json()["id"])["status"] == "succeeded"
+
+
+def test_bad_job_requests_are_refused_before_queueing(engine, tmp_path, clip):
+    with TestClient(app_for(engine, tmp_path, webhook_allow=["https://hooks.example/"])) as c:
+        bad_hook = c.post("/v1/jobs", files={"file": ("v.mp4", clip, "video/mp4")},
+                          data={"webhook_url": "http://169.254.169.254/"})
+        bad_policy = c.post("/v1/jobs", json={"video_base64": "AAAA", "policy": "x: 1"})
+        bad_json = c.post("/v1/jobs", content=b"{", headers={"content-type": "application/json"})
+    assert [r.status_code for r in (bad_hook, bad_policy, bad_json)] == [403, 422, 400]
+    assert JobStore(tmp_path / "jobs.sqlite", tmp_path / "spool").counts() == {}
+
+
+def test_job_queue_is_bounded(engine, tmp_path, clip):
+    with TestClient(app_for(engine, tmp_path, workers=0, max_queued=1)) as c:
+        submit(c, clip)
+        full = c.post("/v1/jobs", files={"file": ("v.mp4", clip, "video/mp4")})
+    assert full.status_code == 429 and full.headers["retry-after"] == "1"
+    assert full.json()["error"]["type"] == "overloaded"
+
+
+def test_jobs_survive_a_restart_and_resume(engine, tmp_path, clip):
+    """Finished results stay readable; a queued job and one whose runner died both run."""
+    with TestClient(app_for(engine, tmp_path)) as c:
+        done = wait_job(c, submit(c, clip))
+    store = JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs.sqlite.inputs")
+    req = job_request(JudgeRequest(), None, Media("video", clip))
+    crashed = store.create(req, clip, None)
+    queued = store.create(req, clip, None)
+    assert store.claim("dead-runner", lease_s=0.01, max_attempts=3).id == crashed.id
+    assert store.get(crashed.id).status == "running" and store.get(queued.id).status == "queued"
+    time.sleep(0.05)
+    with TestClient(app_for(engine, tmp_path)) as c:  # the restarted service
+        assert c.get(f"/v1/jobs/{done['id']}").json() == done
+        for job_id in (queued.id, crashed.id):
+            assert wait_job(c, job_id)["status"] == "succeeded"
+    assert not any((tmp_path / "jobs.sqlite.inputs").iterdir())  # spooled inputs cleaned up
+
+
+def test_webhook_retries_with_backoff(engine, tmp_path, clip):
+    hook = Receiver([500, 503])
+    try:
+        with TestClient(app_for(engine, tmp_path)) as c:
+            job_id = submit(c, clip, webhook_url=hook.url)
+            wait_job(c, job_id)
+            hook.wait(3)
+            store = JobStore(tmp_path / "jobs.sqlite", tmp_path / "s")
+            wait_for(lambda: store.get(job_id).webhook_state == "delivered")
+    finally:
+        hook.close()
+    assert len(hook.calls) == 3
+    attempts = [int(h["x-guardrail-delivery-attempt"]) for h, _ in hook.calls]
+    assert attempts == [1, 2, 3]
+    headers, body = hook.calls[-1]
+    assert headers["x-guardrail-job"] == job_id and body["id"] == job_id
+    assert body["status"] == "succeeded" and body["verdict"]["policy_set"] == "safewatch"
+
+
+def test_webhook_gives_up(engine, tmp_path, clip):
+    gone = Receiver([404])
+    down = Receiver([500] * 10)
+    try:
+        with TestClient(app_for(engine, tmp_path, webhook_attempts=3)) as c:
+            ids = [submit(c, clip, webhook_url=gone.url), submit(c, clip, webhook_url=down.url)]
+            for job_id in ids:
+                wait_job(c, job_id)
+            store = JobStore(tmp_path / "jobs.sqlite", tmp_path / "s")
+            wait_for(lambda: all(store.get(i).webhook_state == "failed" for i in ids))
+            time.sleep(0.3)  # no fourth try
+    finally:
+        gone.close()
+        down.close()
+    assert len(gone.calls) == 1 and len(down.calls) == 3
+
+
+def test_store_claims_are_exclusive_and_bounded(tmp_path):
+    store = JobStore(tmp_path / "j.sqlite", tmp_path / "spool")
+    job = store.create({"x": 1}, b"data", "http://127.0.0.1:9/")
+    assert Path(job.input_path).read_bytes() == b"data"
+    first = store.claim("a", lease_s=60, max_attempts=2)
+    assert first.id == job.id and first.attempts == 1
+    assert store.claim("b", 60, 2) is None  # leased to a
+    assert not store.finish(job.id, "b", {"v": 1}, None)  # b does not hold it
+    store.release(job.id, "a", count_attempt=True)
+    assert store.claim("b", 60, 2).attempts == 2
+    store.release(job.id, "b", count_attempt=True)
+    assert store.claim("c", 60, 2) is None  # out of attempts: failed for good
+    failed = store.get(job.id)
+    assert failed.status == "failed" and "2 attempts" in failed.error["message"]
+    assert failed.webhook_state == "pending" and not Path(job.input_path).exists()
+    assert store.claim_webhook(10).id == job.id and store.claim_webhook(10) is None
