@@ -178,7 +178,9 @@ def test_wrong_content_type_route_and_method(client):
         "content-type": "text/plain"}), 415, "unsupported_media")
 
 
-_JSON = st.recursive(st.none() | st.booleans() | st.floats(allow_nan=False) | st.text(max_size=8),
+_SCALARS = (st.none() | st.booleans() | st.floats(allow_nan=False, allow_infinity=False)
+            | st.text(max_size=8))
+_JSON = st.recursive(_SCALARS,
                      lambda inner: st.lists(inner, max_size=3)
                      | st.dictionaries(st.sampled_from(
                          ["video_base64", "video_url", "policy", "policy_set", "mode", "frames",

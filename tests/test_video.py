@@ -298,7 +298,7 @@ def test_decord_segfault_is_contained_and_auto_falls_back():
 
 
 def test_a_hung_decord_child_is_killed_at_the_deadline(video_files, monkeypatch):
-    monkeypatch.setattr(video_module, "_decord_worker", lambda *args: time.sleep(60))
+    monkeypatch.setattr(video_module.decoders, "_decord_worker", lambda *args: time.sleep(60))
     start = time.monotonic()
     with pytest.raises(VideoTimeoutError):
         load_video(video_files["mp4_h264"], limits=VideoLimits(timeout_s=1.0), backend="decord")

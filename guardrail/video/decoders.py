@@ -1,0 +1,215 @@
+"""Frame decoders: the `FrameDecoder` protocol, `DecordDecoder` (decord in a forked child
+process), `PyAVDecoder`, and the `DECODERS` registry that `load_video` picks from. Each returns
+the frames at given indices of an input PyAV has already validated."""
+
+from __future__ import annotations
+
+import faulthandler
+import importlib.util
+import multiprocessing
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
+from contextlib import suppress
+from multiprocessing.connection import Connection
+from typing import ClassVar, Protocol
+
+import av
+import numpy as np
+
+from guardrail.errors import VideoError
+from guardrail.video.source import _Deadline, _one_line, _Source
+from guardrail.video.types import VideoInfo, _require
+from guardrail.video.validate import _decode, _open_container, _video_stream
+
+
+class FrameDecoder(Protocol):
+    """Decodes frames of one video, already validated by PyAV, by index (presentation order)."""
+
+    name: ClassVar[str]
+    num_frames: int  # frames the decoder indexed in the stream (0: it cannot tell)
+
+    def __init__(self, source: _Source, info: VideoInfo, deadline: _Deadline) -> None: ...
+
+    @staticmethod
+    def available() -> bool: ...
+
+    def read(self, indices: Sequence[int]) -> np.ndarray:
+        """Frames [len(indices), H, W, 3] uint8 RGB; an index past the last decodable frame
+        gives the last decodable frame."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class DecordDecoder:
+    """decord (the `decord2` build), run in a child process forked for this video.
+
+    NOTE: decord segfaults on some corrupt files that FFmpeg itself decodes (found by fuzzing
+    decord2 3.4) and blocks in C++ without a clock. In a child, a crash is a VideoError and a
+    hang is killed at the deadline; the engine's process survives both. The child is forked,
+    not spawned: a spawned or forkserver child re-imports the caller's `__main__` (torch, the
+    CLI, a Ray worker...) for every video, and decord takes 0.6 s to import."""
+
+    name: ClassVar[str] = "decord"
+
+    def __init__(self, source: _Source, info: VideoInfo, deadline: _Deadline) -> None:
+        import decord  # noqa: F401 - imported here once, so that forked children have it
+
+        self._deadline = deadline
+        ctx = multiprocessing.get_context("fork")
+        self._conn, child = ctx.Pipe()
+        self._worker = ctx.Process(target=_decord_worker, args=(child, self._conn, source),
+                                   daemon=True)
+        self._worker.start()
+        child.close()
+        self.num_frames = self._reply("opening the video")
+
+    @staticmethod
+    def available() -> bool:
+        return importlib.util.find_spec("decord") is not None
+
+    def read(self, indices: Sequence[int]) -> np.ndarray:
+        with suppress(OSError):  # a dead worker: _reply says how it died
+            self._conn.send(list(indices))
+        return self._reply("decoding")
+
+    def close(self) -> None:
+        self._conn.close()
+        if self._worker.is_alive():
+            self._worker.kill()
+        self._worker.join()
+
+    def _reply(self, doing: str):
+        if not self._conn.poll(self._deadline.left()):
+            self.close()
+            raise self._deadline.expired(doing)
+        try:
+            ok, value = self._conn.recv()
+        except (EOFError, OSError):
+            self.close()
+            code = self._worker.exitcode
+            raise VideoError(f"decord crashed while {doing} (exit code {code})") from None
+        if not ok:
+            self.close()  # the child has exited
+            raise VideoError(f"decord failed while {doing} ({value})")
+        return value
+
+
+def _decord_worker(conn: Connection, parent_end: Connection, source: _Source) -> None:
+    """Child process: open the video, reply with its frame count, then answer each list of
+    indices with frames [N, H, W, 3] until the parent hangs up. Replies are (ok, value)."""
+    parent_end.close()  # forked copy; closed so that recv() sees EOF when the parent goes
+    faulthandler.disable()  # a crash here is expected; the parent reports it
+    try:
+        import decord
+
+        reader = decord.VideoReader(source.open(), decord.cpu(0))
+        last = len(reader) - 1
+        conn.send((True, len(reader)))
+        while True:
+            indices = conn.recv()
+            conn.send((True, reader.get_batch([min(i, last) for i in indices]).asnumpy()))
+    except EOFError:
+        return
+    except Exception as err:  # noqa: BLE001 - sent to the parent, which raises VideoError
+        conn.send((False, _one_line(err)))
+
+
+class PyAVDecoder:
+    """PyAV (FFmpeg): a frame's index is its rank among the stream's packet timestamps, as in
+    decord; jumps seek to the nearest keyframe. Streams without timestamps decode sequentially."""
+
+    name: ClassVar[str] = "pyav"
+
+    def __init__(self, source: _Source, info: VideoInfo, deadline: _Deadline) -> None:
+        self._source, self._info, self._deadline = source, info, deadline
+        # [F] sorted packet pts, ranks of keyframes among them, whether packets carry pts at all
+        self._pts, self._keys, self._timed = _packet_index(source, deadline)
+        self.num_frames = len(self._pts)
+        self._container: av.container.InputContainer | None = None
+        self._frames: Iterator[av.VideoFrame] = iter(())
+        self._pos, self._last = -1, None  # index and frame last decoded
+
+    @staticmethod
+    def available() -> bool:
+        return True
+
+    def read(self, indices: Sequence[int]) -> np.ndarray:
+        out = {}
+        for i in sorted(set(indices)):
+            self._seek_for(i)
+            while self._pos < i and (frame := next(self._frames, None)) is not None:
+                self._pos, self._last = self._index_of(frame), frame
+            if self._last is None:
+                raise VideoError("no decodable video frames")
+            out[i] = self._last.to_ndarray(  # same size as probed even if the stream changes size
+                format="rgb24", width=self._info.width, height=self._info.height)
+        return np.stack([out[i] for i in indices])
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+    def _seek_for(self, i: int) -> None:
+        """Position the decoder so that decoding on reaches frame i with the least work."""
+        if self._container is None or i < self._pos:
+            self._restart()
+        key = self._keys[bisect_right(self._keys, i) - 1]
+        if key <= max(self._pos, 0):
+            return  # no keyframe to skip ahead to
+        self._container.seek(int(self._pts[key]), stream=self._stream, backward=True)
+        self._frames = _decode(self._container, self._stream, self._deadline)
+        frame = next(self._frames, None)
+        if frame is None or self._index_of(frame) > i:  # NOTE: demuxers that seek by dts may
+            self._restart()  # overshoot; then decode from the start
+        else:
+            self._pos, self._last = self._index_of(frame), frame
+
+    def _restart(self) -> None:
+        self.close()
+        self._container = _open_container(self._source, self._deadline)
+        self._stream = _video_stream(self._container)
+        self._stream.thread_type = "AUTO"
+        self._frames = _decode(self._container, self._stream, self._deadline)
+        self._pos, self._last = -1, None
+
+    def _index_of(self, frame: av.VideoFrame) -> int:
+        if not self._timed or frame.pts is None:
+            return self._pos + 1
+        return int(np.searchsorted(self._pts, frame.pts))
+
+
+def _packet_index(src: _Source, deadline: _Deadline) -> tuple[np.ndarray, list[int], bool]:
+    """Sorted pts of the video packets ([F] int64), the ranks of keyframes among them, and
+    whether every packet had a pts (if not: pts = 0..F-1 and the only keyframe is 0)."""
+    container = _open_container(src, deadline)
+    pts, keys = [], []
+    try:
+        for packet in container.demux(_video_stream(container)):
+            deadline.check("indexing the video")
+            if packet.size > 0:
+                pts.append(packet.pts)
+                keys.append(packet.is_keyframe)
+    except av.FFmpegError:
+        pass  # a truncated file: index the packets read so far
+    finally:
+        container.close()
+    if any(p is None for p in pts):
+        return np.arange(len(pts)), [0], False
+    order = np.argsort(pts, kind="stable")
+    key_ranks = [0] + [r for r, p in enumerate(order.tolist()) if keys[p] and r > 0]
+    return np.asarray(pts, np.int64)[order], key_ranks, True
+
+
+DECODERS: dict[str, type[FrameDecoder]] = {"decord": DecordDecoder, "pyav": PyAVDecoder}
+
+
+def _backends(backend: str) -> list[str]:
+    """Decoders to try, in order: every installed one for `auto`, else the one named."""
+    if backend == "auto":
+        return [name for name, cls in DECODERS.items() if cls.available()]
+    _require(backend in DECODERS, f"video backend must be auto or one of "
+             f"{', '.join(DECODERS)}, not {backend!r}")
+    _require(DECODERS[backend].available(), f"video backend {backend!r} is not installed")
+    return [backend]

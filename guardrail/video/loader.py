@@ -1,0 +1,138 @@
+"""`Video`s from inputs: `probe` (metadata only), `load_video` (validate, pick a decoder, decode
+the sampled frames of every window) and `image_as_video` (one still image as a one-frame video).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import replace
+
+import numpy as np
+from PIL import Image
+
+from guardrail.errors import UnsupportedVideoError, VideoError, VideoTooLargeError
+from guardrail.video.decoders import DECODERS, FrameDecoder, _backends
+from guardrail.video.sampling import plan_windows
+from guardrail.video.source import (
+    VideoTimeoutError,
+    _Deadline,
+    _one_line,
+    _resolve,
+    _Source,
+    _translate,
+)
+from guardrail.video.types import (
+    Clip,
+    SamplingConfig,
+    Video,
+    VideoInfo,
+    VideoLimits,
+    VideoSource,
+    Window,
+    _require,
+)
+from guardrail.video.validate import _agree, _check_limits, _check_size, _probe_header
+
+# Frozen, hence safe to share as argument defaults.
+_DEFAULT_SAMPLING, _DEFAULT_LIMITS = SamplingConfig(), VideoLimits()
+
+
+def probe(source: VideoSource, limits: VideoLimits = _DEFAULT_LIMITS, backend: str = "auto"
+          ) -> VideoInfo:
+    """Validate `source` and read its metadata; `info.backend` names the decoder that opened it."""
+    return _load(source, None, limits, backend).info
+
+
+def load_video(source: VideoSource, sampling: SamplingConfig = _DEFAULT_SAMPLING,
+               limits: VideoLimits = _DEFAULT_LIMITS, backend: str = "auto") -> Video:
+    """Decode the frames `sampling` picks in each window. `auto` tries decord, then PyAV if
+    decord cannot open or decode the video. Frames shared by overlapping windows decode once."""
+    return _load(source, sampling, limits, backend)
+
+
+def image_as_video(image: np.ndarray | bytes, limits: VideoLimits = _DEFAULT_LIMITS
+                   ) -> Video:
+    """One image (an encoded file's bytes, or a uint8 array [H, W] / [H, W, 3|4]) as a one-frame,
+    one-second video."""
+    if isinstance(image, np.ndarray):
+        frame, codec, num_bytes = _image_array(image), "raw", image.nbytes
+    else:
+        frame, codec, num_bytes = _decode_image(bytes(image), limits)
+    height, width = frame.shape[:2]
+    _check_size(width, height, limits)
+    info = VideoInfo("image", codec, 1.0, 1.0, width, height, 1, num_bytes, "image")
+    window = Window(0.0, 1.0, (0,), (0.0,))
+    return Video(info, (Clip(window, frame[None], 1.0),))
+
+
+def _load(source: VideoSource, sampling: SamplingConfig | None, limits: VideoLimits,
+          backend: str) -> Video:
+    names = _backends(backend)
+    deadline = _Deadline(limits.timeout_s)
+    src = _resolve(source, limits)
+    header = _probe_header(src, limits, deadline)
+    for name in names:
+        try:
+            return _decode_with(DECODERS[name], src, header, sampling, limits, deadline)
+        except (VideoTimeoutError, VideoTooLargeError):
+            raise
+        except VideoError:
+            if name == names[-1]:
+                raise
+    raise AssertionError("no video backend installed")
+
+
+def _decode_with(decoder_cls: type[FrameDecoder], src: _Source, header: VideoInfo,
+                 sampling: SamplingConfig | None, limits: VideoLimits, deadline: _Deadline
+                 ) -> Video:
+    """Open `src` with one decoder, settle the frame count, decode what `sampling` picks."""
+    with _translate(f"{decoder_cls.name} could not decode the video"):
+        decoder = decoder_cls(src, header, deadline)
+        try:
+            info = _settle(header, decoder.num_frames, decoder_cls.name)
+            _require(info.num_frames > 0, "no video frames", VideoError)
+            _check_limits(info, limits)
+            if sampling is None:
+                return Video(info, ())
+            windows = plan_windows(info, sampling)
+            wanted = sorted({i for window in windows for i in window.indices})
+            frames = decoder.read(wanted)  # [len(wanted), H, W, 3]
+            deadline.check("decoding")
+        finally:
+            decoder.close()
+    row = {index: r for r, index in enumerate(wanted)}
+    clips = tuple(Clip(w, frames[[row[i] for i in w.indices]], info.fps) for w in windows)
+    return Video(info, clips)
+
+
+def _settle(header: VideoInfo, counted: int, backend: str) -> VideoInfo:
+    """The header's metadata with the frame count the decoder found (if any); a duration that
+    disagrees with the count lied too and is recomputed from it."""
+    num_frames, duration = counted or header.num_frames, header.duration_s
+    if not (duration and _agree(num_frames, duration, header.fps)):
+        duration = num_frames / header.fps
+    return replace(header, num_frames=num_frames, duration_s=duration, backend=backend)
+
+
+def _image_array(image: np.ndarray) -> np.ndarray:
+    _require(image.dtype == np.uint8 and (image.ndim == 2 or (
+        image.ndim == 3 and image.shape[2] in (1, 3, 4))),
+        f"an image array must be uint8 [H, W] or [H, W, 3|4], not {image.dtype} {image.shape}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    return np.ascontiguousarray(np.broadcast_to(image[:, :, :3], (*image.shape[:2], 3)))
+
+
+def _decode_image(data: bytes, limits: VideoLimits) -> tuple[np.ndarray, str, int]:
+    _require(0 < len(data) <= limits.max_bytes, f"image is {len(data)} bytes; it must be 1 to "
+             f"{limits.max_bytes}", VideoTooLargeError if data else UnsupportedVideoError)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            _check_size(*img.size, limits)
+            return np.asarray(img.convert("RGB")), (img.format or "unknown").lower(), len(data)
+    except VideoError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise VideoTooLargeError(f"image is over Pillow's size limit ({err})") from err
+    except Exception as err:  # PIL raises many types on bad bytes
+        raise UnsupportedVideoError(f"not an image Pillow can read ({_one_line(err)})") from err
