@@ -56,13 +56,16 @@ def policy_validate(files: Annotated[list[Path], typer.Argument(help="Policy YAM
 def policy_render(
     file: Annotated[Path, typer.Argument(help="A policy YAML file.")],
     layout: Annotated[str, typer.Option(help=f"One of {', '.join(LAYOUTS)}.")] = "parallel",
+    style: Annotated[str, typer.Option(help="Prompt style: default | safewatch.")] = "default",
 ):
     """Print the policy chunks and the full prompt text as the model sees it."""
     from guardrail.policy import load_policy
-    from guardrail.prompt import build_prompt, check_layout, render_prompt
+    from guardrail.prompt import STYLES, build_prompt, check_layout, render_prompt
 
     check_layout(layout)
-    prompt = build_prompt(load_policy(file))
+    if style not in STYLES:
+        raise UsageError(f"unknown prompt style {style!r}; choose one of {', '.join(STYLES)}")
+    prompt = build_prompt(load_policy(file), style=style)
     for i, chunk in enumerate(prompt.chunks, 1):
         out.rule(f"chunk {i}/{len(prompt.chunks)}: {prompt.keys[i - 1]}", style="dim")
         out.print(chunk, end="", markup=False)
@@ -115,7 +118,8 @@ def video_probe(
 @guarded
 def model_make_tiny(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write the model into.")],
-    family: Annotated[str, typer.Option(help="qwen2_5_vl | qwen2_vl | qwen3_vl")] = "qwen2_5_vl",
+    family: Annotated[str, typer.Option(
+        help="qwen2_5_vl | qwen2_vl | qwen3_vl | internvl")] = "qwen2_5_vl",
     seed: Annotated[int, typer.Option(help="Weight seed; same seed, same files.")] = 0,
 ):
     """Write a tiny random model + tokenizer + processor (for tests and dry runs only)."""
@@ -123,6 +127,22 @@ def model_make_tiny(
 
     path = make_tiny(out_dir, family, seed=seed)
     out.print(f"wrote a tiny random {family} model to {path} (its verdicts are meaningless)")
+
+
+@model_app.command("convert")
+@guarded
+def model_convert(
+    src: Annotated[Path, typer.Argument(help="Original InternVL2-chat checkpoint (SafeWatch-8B).")],
+    dst: Annotated[Path, typer.Argument(help="Directory to write the native model into.")],
+    dtype: Annotated[str, typer.Option(help="bf16 | fp16 | fp32")] = "bf16",
+):
+    """Convert an original InternVL2-chat checkpoint to a native transformers InternVL model."""
+    from guardrail.convert import convert
+
+    quiet_transformers()
+    path = convert(src, dst, dtype=dtype)
+    out.print(f"wrote a native InternVL model to {path}; run it with "
+              f"`guardrail check VIDEO --model {path}`", markup=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------- check
@@ -137,6 +157,8 @@ def check(
         help="Policy YAML; repeat to combine sets (default policies/safewatch.yaml).")] = None,
     mode: Annotated[str, typer.Option(help="fast | explain | explain_flagged")] = "fast",
     layout: Annotated[str, typer.Option(help=f"One of {', '.join(LAYOUTS)}.")] = "parallel",
+    prompt_style: Annotated[str, typer.Option(
+        help="default | safewatch (SafeWatch's own prompt, for SafeWatch-8B)")] = "default",
     keep_ratio: Annotated[float, typer.Option(
         help="Share of video tokens kept by policy-aware pruning; 1.0 = off.")] = 1.0,
     pruning_mode: Annotated[str, typer.Option(help="kv | pre_prefill")] = "kv",
@@ -163,6 +185,7 @@ def check(
     pset = load_policies(policy) if policy else None
     engine = GuardEngine.from_pretrained(
         model, policies=pset, device=device, dtype=dtype, layout=layout, mode=mode,
+        prompt_style=prompt_style,
         keep_ratio=keep_ratio, pruning_mode=pruning_mode, batch_size=batch_size,
         sampling=sampling, max_new_tokens=max_new_tokens, decoder=decoder,
         calibration=calibration)

@@ -31,7 +31,7 @@ from guardrail.layout import LAYOUTS, Layout, Segment, build_groups, concat, pla
 from guardrail.policy import PolicySet, load_policy
 from guardrail.prefill import prefill, prefix_kv
 from guardrail.probes import answer_tokens, probe_scores
-from guardrail.prompt import VIDEO_SLOT, build_prompt, prompt_segments
+from guardrail.prompt import STYLES, VIDEO_SLOT, build_prompt, prompt_segments
 from guardrail.pruning import PruningConfig
 from guardrail.runner import Batch, Item, batch_from_prefix
 from guardrail.verdict import Verdict, WindowResult, build_verdict
@@ -45,6 +45,7 @@ DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "policies" / "safewatc
 class EngineConfig:
     layout: str = "parallel"
     mode: str = "fast"
+    prompt_style: str = "default"  # default | safewatch (SafeWatch's released prompt text)
     max_new_tokens: int = 256
     keep_ratio: float = 1.0        # PVTP; 1.0 = off
     pruning_mode: str = "kv"       # kv | pre_prefill
@@ -63,6 +64,9 @@ class EngineConfig:
             raise UsageError(f"unknown layout {self.layout!r}; choose one of {', '.join(LAYOUTS)}")
         if self.mode not in MODES:
             raise UsageError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.prompt_style not in STYLES:
+            raise UsageError(f"unknown prompt style {self.prompt_style!r}; choose one of "
+                             f"{', '.join(STYLES)}")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise UsageError("max_new_tokens and batch_size must be at least 1")
         self.pruning  # noqa: B018 - validates the pruning fields
@@ -98,7 +102,7 @@ class GuardEngine:
         self.config = config
         self.chunks = chunk_cache if chunk_cache is not None else ChunkCache(
             config.chunk_cache_bytes)
-        self.prompt = build_prompt(policies)
+        self.prompt = build_prompt(policies, style=config.prompt_style)
         self.tokens = self._tokenize()
         self.answer = answer_tokens(adapter.encode_text)
         self.thresholds = [policies.threshold_of(c) for c in policies.categories]

@@ -1,4 +1,5 @@
-"""Tiny randomly initialised Qwen-VL checkpoints for smoke tests, CI and dry runs (SPEC §4.6).
+"""Tiny randomly initialised Qwen-VL and InternVL checkpoints for smoke tests, CI and dry runs
+(SPEC §4.6).
 
 `make_tiny(DIR, family)` writes a directory that `AutoModelForImageTextToText.from_pretrained`
 and `AutoProcessor.from_pretrained` load offline: a few-million-parameter model of the real
@@ -20,7 +21,8 @@ from pathlib import Path
 
 from guardrail.errors import UsageError
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # the Qwen-VL families (tests/test_tiny.py)
+ALL_FAMILIES = (*FAMILIES, "internvl")           # everything `make_tiny` writes
 
 # Qwen's special tokens in Qwen's id order (151643.. in the real vocabulary).
 SPECIAL_TOKENS = (
@@ -156,12 +158,15 @@ def make_tiny(out_dir: str | os.PathLike, family: str, seed: int = 0) -> Path:
     Raises `UsageError` for an unknown family or an `out_dir` that is a file. Returns the
     directory. The same `(family, seed)` always gives byte-identical files.
     """
-    if family not in FAMILIES:
-        raise UsageError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family not in ALL_FAMILIES:
+        raise UsageError(f"unknown model family {family!r}; choose one of "
+                         f"{', '.join(ALL_FAMILIES)}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    if family == "internvl":
+        return _make_tiny_internvl(out, seed)
 
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
@@ -183,8 +188,9 @@ def make_tiny(out_dir: str | os.PathLike, family: str, seed: int = 0) -> Path:
     return out
 
 
-def build_tokenizer():
-    """The tiny models' `Qwen2Tokenizer`: Qwen's pre-tokenizer, merges trained on `_CORPUS`."""
+def build_tokenizer(special_tokens: tuple[str, ...] = SPECIAL_TOKENS, **names):
+    """The tiny models' `Qwen2Tokenizer`: Qwen's pre-tokenizer, merges trained on `_CORPUS`,
+    then `special_tokens`. `names` override the eos / pad tokens."""
     from tokenizers import Regex, pre_tokenizers
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
@@ -198,17 +204,17 @@ def build_tokenizer():
     text = " ".join(corpus) + "\n" + "\n".join(corpus) + "\n" + _ANSWER * _ANSWER_REPEATS
     words = Counter(piece for piece, _ in pre.pre_tokenize_str(text))
     alphabet = _bytes_to_unicode()
-    merges = _train_bpe(words, VOCAB_SIZE - len(alphabet) - len(SPECIAL_TOKENS))
+    merges = _train_bpe(words, VOCAB_SIZE - len(alphabet) - len(special_tokens))
     vocab = {symbol: i for i, symbol in enumerate(alphabet)}
-    for token in [a + b for a, b in merges] + list(SPECIAL_TOKENS):
+    for token in [a + b for a, b in merges] + list(special_tokens):
         vocab.setdefault(token, len(vocab))
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
         unk_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=list(SPECIAL_TOKENS),
+        eos_token=names.get("eos_token", "<|im_end|>"),
+        pad_token=names.get("pad_token", "<|endoftext|>"),
+        additional_special_tokens=list(special_tokens),
         model_max_length=32768,
         clean_up_tokenization_spaces=False,
     )
@@ -352,3 +358,65 @@ def _chat_template(default_system: str | None) -> str:
         "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
+
+
+# InternVL2's added tokens in their order, plus the chat markers and `<video>` (named by
+# transformers' InternVLProcessor); `<s>`/`</s>` as in InternLM2.
+INTERNVL_TOKENS = ("<s>", "</s>", "<|im_start|>", "<|im_end|>", "<img>", "</img>",
+                   "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
+                   "<video>")
+_INTERNVL_IMAGE = 112  # 8 x 8 patches of 14 -> 16 tokens per frame after the pixel shuffle
+_INTERNVL_SYSTEM = "You are a helpful assistant."
+
+
+def internvl_tokenizer():
+    """The tiny InternVL tokenizer: the byte-level BPE above with InternVL's tokens, the
+    `internlm2-chat` template and the media-token names transformers' processor reads."""
+    from guardrail.convert.processor import fast_tokenizer
+    from guardrail.convert.tokenizer import chat_template
+
+    qwen = build_tokenizer(INTERNVL_TOKENS, eos_token="</s>", pad_token="</s>")
+    tok = fast_tokenizer(copy.deepcopy(qwen.backend_tokenizer),
+                         chat_template(_INTERNVL_SYSTEM), unk=None)
+    assert len(tok) == len(qwen), "media tokens must already be in the tiny vocabulary"
+    return tok
+
+
+def _make_tiny_internvl(out: Path, seed: int) -> Path:
+    """Native transformers InternVL (Llama text model, GQA) in the converter's output format."""
+    import torch
+    from transformers import (
+        AutoModelForImageTextToText,
+        InternVLConfig,
+        InternVLVisionConfig,
+        LlamaConfig,
+    )
+
+    from guardrail.convert.processor import generation_config, save_all
+
+    tok = internvl_tokenizer()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in INTERNVL_TOKENS}
+    text = LlamaConfig(
+        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        max_position_embeddings=32768, initializer_range=INITIALIZER_RANGE,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["</s>"],
+        tie_word_embeddings=False)
+    vision = InternVLVisionConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        image_size=_INTERNVL_IMAGE, patch_size=14, attention_bias=True, norm_type="layer_norm",
+        use_mean_pooling=True, initializer_range=INITIALIZER_RANGE)
+    per_frame = (_INTERNVL_IMAGE // 14 // 2) ** 2
+    config = InternVLConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<IMG_CONTEXT>"],
+        image_seq_length=per_frame, downsample_ratio=0.5, projector_hidden_act="gelu",
+        tie_word_embeddings=False, initializer_range=INITIALIZER_RANGE)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.generation_config = generation_config(
+        bos=ids["<s>"], stop=ids["<|im_end|>"], pad=ids["</s>"])
+    model.save_pretrained(out, safe_serialization=True)
+    save_all(out, tok, _INTERNVL_IMAGE, per_frame, model.generation_config)
+    return out

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from guardrail.adapters.base import ModelAdapter
+from guardrail.adapters.internvl import InternVLAdapter
 from guardrail.adapters.qwen_vl import QwenVLAdapter
 from guardrail.errors import ModelError, UsageError
 
@@ -17,6 +18,7 @@ FAMILIES: dict[str, type] = {
     "qwen2_vl": QwenVLAdapter,
     "qwen2_5_vl": QwenVLAdapter,
     "qwen3_vl": QwenVLAdapter,
+    "internvl": InternVLAdapter,
 }
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
@@ -78,6 +80,9 @@ def create_adapter(model: str | os.PathLike | None = None, placement: Placement 
     except Exception as err:  # noqa: BLE001 - transformers raises many types for "not found"
         raise ModelError(f"cannot load model {name!r} ({type(err).__name__}): {how}") from None
     family = config.model_type
+    if family == "internvl_chat":
+        raise ModelError(f"{name}: an original InternVL2-chat checkpoint; convert it first: "
+                         f"guardrail model convert {name} DST")
     if family not in FAMILIES:
         raise ModelError(f"{name}: model type {family!r} is not supported; supported: "
                          f"{', '.join(FAMILIES)}")

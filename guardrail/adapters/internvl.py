@@ -1,0 +1,128 @@
+"""Native transformers InternVL with a Llama text model (SafeWatch-8B after
+`guardrail model convert`, or `make-tiny --family internvl`).
+
+Frames are prepared the way SafeWatch's evaluation prepares them: each frame is one tile, resized
+with PIL bicubic to the model's image size and ImageNet-normalised (the image size and the
+normalisation come from the model's own config and processor, never hardcoded), and the video
+segment reads `Frame1: <img><IMG_CONTEXT>...</img>\\nFrame2: ...` as InternVL's chat code lays it
+out. Positions are ordinary 1-D RoPE, so a segment of L tokens takes positions 0..L-1.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from guardrail.adapters.attention import AttentionCapture
+from guardrail.adapters.base import VideoInputs, VisualFeatures
+from guardrail.errors import UsageError
+from guardrail.video import Clip
+
+_SENTINEL = "\u2063GUARDRAIL_MESSAGE\u2063"
+
+
+class InternVLAdapter:
+    rows = 1
+
+    def __init__(self, model: Any, processor: Any, name: str, attn: str | None = None):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.name = name
+        self.family = model.config.model_type
+        self._lm = model.model.language_model
+        lm_params = inspect.signature(self._lm.forward).parameters
+        # NOTE: transformers 5.2x renamed `past_key_values` to `cache`; 5.17 knows only the old one.
+        self._cache_kw = "cache" if "cache" in lm_params else "past_key_values"
+        config = model.config
+        self._vocab = config.get_text_config().vocab_size
+        self._context_id = config.image_token_id
+        size = config.vision_config.image_size
+        self._size = int(size[0] if isinstance(size, (list, tuple)) else size)
+        self._per_frame = config.image_seq_length
+        image_processor = processor.image_processor
+        self._mean = np.asarray(image_processor.image_mean, dtype=np.float32)
+        self._std = np.asarray(image_processor.image_std, dtype=np.float32)
+        tok = self.tokenizer
+        self._img_start = tok.convert_tokens_to_ids(tok.start_image_token)
+        self._img_end = tok.convert_tokens_to_ids(tok.end_image_token)
+        self.capture = AttentionCapture(self._lm, attn)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def encode_text(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if ids and max(ids) >= self._vocab:
+            bad = sorted({self.tokenizer.convert_ids_to_tokens(i) for i in ids if i >= self._vocab})
+            raise UsageError(f"text contains token(s) {', '.join(bad)} that this model has no "
+                             "embedding for; remove them from the policy text")
+        return ids
+
+    def chat_frame(self) -> tuple[str, str]:
+        messages = [{"role": "user", "content": _SENTINEL}]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=False)
+        before, after = text.split(_SENTINEL)
+        return before, after
+
+    def video_inputs(self, clip: Clip) -> VideoInputs:
+        pixels = self._pixels(clip.frames)                                # [N, 3, S, S]
+        ids: list[int] = []
+        for i in range(pixels.shape[0]):
+            ids += self.encode_text(("\n" if i else "") + f"Frame{i + 1}: ")
+            ids += [self._img_start, *[self._context_id] * self._per_frame, self._img_end]
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        length = ids_t.numel()
+        return VideoInputs(ids=ids_t, rel_pos=torch.arange(length)[None], advance=length,
+                           visual=ids_t == self._context_id,
+                           encoder_inputs={"pixel_values": pixels})
+
+    def _pixels(self, frames: np.ndarray) -> torch.Tensor:
+        """[N, H, W, 3] uint8 -> [N, 3, S, S] float: PIL bicubic resize, /255, ImageNet norm
+        (SafeWatch's `load_video(..., max_num=1)`: one tile per frame, no thumbnail)."""
+        from PIL import Image
+
+        size = (self._size, self._size)
+        out = [np.asarray(Image.fromarray(f).convert("RGB").resize(size, Image.BICUBIC),
+                          dtype=np.float32) / 255.0 for f in frames]
+        arr = (np.stack(out) - self._mean) / self._std                    # [N, S, S, 3]
+        return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+    @torch.inference_mode()
+    def visual_features(self, video: VideoInputs) -> VisualFeatures:
+        pixels = video.encoder_inputs["pixel_values"].to(self.device, self.dtype)
+        out = self.model.model.get_image_features(pixel_values=pixels, return_dict=True)
+        embeds = out.pooler_output                                        # [N, per_frame, D]
+        embeds = embeds.reshape(-1, embeds.shape[-1]).to(self.dtype)
+        assert embeds.shape[0] == video.num_visual, (
+            f"encoder gave {embeds.shape[0]} visual embeddings for {video.num_visual} tokens")
+        return VisualFeatures(embeds)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    @torch.inference_mode()
+    def forward(self, embeds, positions, visible, cache, visual=None, deepstack=()):
+        # positions [1, B, T] (one row: plain RoPE) -> the [B, T] Llama takes
+        kwargs: dict[str, Any] = {self._cache_kw: cache}
+        out = self._lm(inputs_embeds=embeds, position_ids=positions[0].to(self.device),
+                       attention_mask=self.capture.mask(visible.to(self.device), self.dtype),
+                       use_cache=True, **kwargs)
+        return out.last_hidden_state
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.model.config.get_text_config())
