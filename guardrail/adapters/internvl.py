@@ -10,34 +10,22 @@ out. Positions are ordinary 1-D RoPE, so a segment of L tokens takes positions 0
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
-from guardrail.adapters.attention import AttentionCapture
 from guardrail.adapters.base import VideoInputs, VisualFeatures
+from guardrail.adapters.transformers_lm import TransformersAdapter
 from guardrail.errors import UsageError
 from guardrail.video import Clip
 
-_SENTINEL = "\u2063GUARDRAIL_MESSAGE\u2063"
 
-
-class InternVLAdapter:
+class InternVLAdapter(TransformersAdapter):
     rows = 1
 
     def __init__(self, model: Any, processor: Any, name: str, attn: str | None = None):
-        self.model = model.eval()
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.name = name
-        self.family = model.config.model_type
-        self._lm = model.model.language_model
-        lm_params = inspect.signature(self._lm.forward).parameters
-        # NOTE: transformers 5.2x renamed `past_key_values` to `cache`; 5.17 knows only the old one.
-        self._cache_kw = "cache" if "cache" in lm_params else "past_key_values"
+        super().__init__(model, processor, name, attn)
         config = model.config
         self._vocab = config.get_text_config().vocab_size
         self._context_id = config.image_token_id
@@ -50,15 +38,6 @@ class InternVLAdapter:
         tok = self.tokenizer
         self._img_start = tok.convert_tokens_to_ids(tok.start_image_token)
         self._img_end = tok.convert_tokens_to_ids(tok.end_image_token)
-        self.capture = AttentionCapture(self._lm, attn)
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
 
     def encode_text(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -67,13 +46,6 @@ class InternVLAdapter:
             raise UsageError(f"text contains token(s) {', '.join(bad)} that this model has no "
                              "embedding for; remove them from the policy text")
         return ids
-
-    def chat_frame(self) -> tuple[str, str]:
-        messages = [{"role": "user", "content": _SENTINEL}]
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                  tokenize=False)
-        before, after = text.split(_SENTINEL)
-        return before, after
 
     def video_inputs(self, clip: Clip) -> VideoInputs:
         pixels = self._pixels(clip.frames)                                # [N, 3, S, S]
@@ -108,21 +80,5 @@ class InternVLAdapter:
             f"encoder gave {embeds.shape[0]} visual embeddings for {video.num_visual} tokens")
         return VisualFeatures(embeds)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(ids.to(self.device))
-
-    @torch.inference_mode()
-    def forward(self, embeds, positions, visible, cache, visual=None, deepstack=()):
-        # positions [1, B, T] (one row: plain RoPE) -> the [B, T] Llama takes
-        kwargs: dict[str, Any] = {self._cache_kw: cache}
-        out = self._lm(inputs_embeds=embeds, position_ids=positions[0].to(self.device),
-                       attention_mask=self.capture.mask(visible.to(self.device), self.dtype),
-                       use_cache=True, **kwargs)
-        return out.last_hidden_state
-
-    @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden).float()
-
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.model.config.get_text_config())
+    def _positions(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions[0]   # [1, B, T] (one row: plain RoPE) -> the [B, T] Llama takes

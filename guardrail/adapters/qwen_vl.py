@@ -13,51 +13,28 @@ import inspect
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 from transformers.video_utils import VideoMetadata
 
-from guardrail.adapters.attention import AttentionCapture
 from guardrail.adapters.base import VideoInputs, VisualFeatures
+from guardrail.adapters.transformers_lm import TransformersAdapter
 from guardrail.video import Clip
 
-_SENTINEL = "\u2063GUARDRAIL_MESSAGE\u2063"
 
-
-class QwenVLAdapter:
+class QwenVLAdapter(TransformersAdapter):
     rows = 3
 
     def __init__(self, model: Any, processor: Any, name: str, attn: str | None = None):
-        self.model = model.eval()
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.name = name
-        self.family = model.config.model_type
-        self._lm = model.model.language_model
-        lm_params = inspect.signature(self._lm.forward).parameters
-        # NOTE: transformers 5.2x renamed `past_key_values` to `cache`; 5.17 knows only the old one.
-        self._cache_kw = "cache" if "cache" in lm_params else "past_key_values"
-        self._deepstack = "deepstack_visual_embeds" in lm_params
+        super().__init__(model, processor, name, attn)
+        self._deepstack = "deepstack_visual_embeds" in self._lm_params
         self._rope_params = set(inspect.signature(model.model.get_rope_index).parameters)
         self._video_token_id = model.config.video_token_id
-        self.capture = AttentionCapture(self._lm, attn)
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
+    def _message(self, text: str) -> Any:
+        return [{"type": "text", "text": text}]
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.model.dtype
-
-    def encode_text(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def chat_frame(self) -> tuple[str, str]:
-        messages = [{"role": "user", "content": [{"type": "text", "text": _SENTINEL}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True,
+    def _chat_template(self, messages: list[dict]) -> str:
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True,
                                                   tokenize=False)
-        before, after = text.split(_SENTINEL)
-        return before, after
 
     def video_inputs(self, clip: Clip) -> VideoInputs:
         win = clip.window
@@ -106,26 +83,11 @@ class QwenVLAdapter:
             f"encoder gave {embeds.shape[0]} visual embeddings for {video.num_visual} tokens")
         return VisualFeatures(embeds, deepstack if self._deepstack else ())
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(ids.to(self.device))
-
-    @torch.inference_mode()
-    def forward(self, embeds, positions, visible, cache, visual=None, deepstack=()):
-        kwargs: dict[str, Any] = {self._cache_kw: cache}
+    def _extra(self, visual, deepstack) -> dict[str, Any]:
         if deepstack and visual is not None and bool(visual.any()):
-            kwargs.update(visual_pos_masks=visual.to(self.device),
-                          deepstack_visual_embeds=list(deepstack))
-        out = self._lm(inputs_embeds=embeds, position_ids=positions.to(self.device),
-                       attention_mask=self.capture.mask(visible.to(self.device), self.dtype),
-                       use_cache=True, **kwargs)
-        return out.last_hidden_state
-
-    @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden).float()
-
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.model.config.get_text_config())
+            return {"visual_pos_masks": visual.to(self.device),
+                    "deepstack_visual_embeds": list(deepstack)}
+        return {}
 
 
 def _cat(x: Any) -> torch.Tensor:

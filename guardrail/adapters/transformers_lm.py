@@ -1,0 +1,85 @@
+"""What every adapter over a transformers vision-language model shares: the loaded model, its
+tokenizer, the language model call with explicit positions and masks, logits, caches. Family
+adapters subclass it and add how frames become video inputs and visual features."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from guardrail.adapters.attention import AttentionCapture
+
+_SENTINEL = "\u2063GUARDRAIL_MESSAGE\u2063"
+
+
+class TransformersAdapter:
+    """Base of the family adapters (see `adapters.base.ModelAdapter` for the contract)."""
+
+    rows = 1
+
+    def __init__(self, model: Any, processor: Any, name: str, attn: str | None = None):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.name = name
+        self.family = model.config.model_type
+        self._lm = model.model.language_model
+        params = inspect.signature(self._lm.forward).parameters
+        # NOTE: transformers 5.2x renamed `past_key_values` to `cache`; 5.17 knows only the old one
+        # and silently swallows `cache=` into **kwargs (wrong logits, no error).
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._lm_params = set(params)
+        self.capture = AttentionCapture(self._lm, attn)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def chat_frame(self) -> tuple[str, str]:
+        text = self._chat_template([{"role": "user", "content": self._message(_SENTINEL)}])
+        before, after = text.split(_SENTINEL)
+        return before, after
+
+    def _message(self, text: str) -> Any:
+        return text
+
+    def _chat_template(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                  tokenize=False)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids.to(self.device))
+
+    def _positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """[rows, B, T] engine positions -> what this language model takes."""
+        return positions
+
+    @torch.inference_mode()
+    def forward(self, embeds, positions, visible, cache, visual=None, deepstack=()):
+        kwargs: dict[str, Any] = {self._cache_kw: cache, **self._extra(visual, deepstack)}
+        out = self._lm(inputs_embeds=embeds, position_ids=self._positions(positions).to(
+                           self.device),
+                       attention_mask=self.capture.mask(visible.to(self.device), self.dtype),
+                       use_cache=True, **kwargs)
+        return out.last_hidden_state
+
+    def _extra(self, visual, deepstack) -> dict[str, Any]:
+        """Extra language-model arguments for the visual tokens of this forward (none here)."""
+        return {}
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden).float()
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.model.config.get_text_config())
