@@ -189,14 +189,14 @@ class GuardEngine:
         cache holds each window's prompt without the probes, for explain mode)."""
         t0 = time.perf_counter()
         inputs = [self.adapter.video_inputs(c) for c in clips]
-        t1 = time.perf_counter()
+        t1 = self._clock()
         items = []
         for video in inputs:
             lay, visual = self.layout(video)
             items.append(Item(lay, visual, self.adapter.visual_features(video)))
         batch, start = self._start(items)
         kept = prefill(self, batch, start)
-        t2 = time.perf_counter()
+        t2 = self._clock()
         first = items[0].probe_start
         n_before = batch.slots.shape[1]
         hidden, _ = batch.step([torch.arange(it.probe_start, it.layout.length) for it in items])
@@ -205,12 +205,18 @@ class GuardEngine:
         logits = self.adapter.logits(hidden[:, last])                        # [B, m, V]
         scores = [self._calibrated(probe_scores(row, self.answer).cpu()) for row in logits]
         batch.truncate(n_before)
-        t3 = time.perf_counter()
+        t3 = self._clock()
         share = 1.0 / len(clips)
         results = [WindowResult(s, int(it.visual.sum()), k, (t2 - t1) * 1e3 * share,
                                 (t3 - t2) * 1e3 * share, (t1 - t0) * 1e3 * share)
                    for s, it, k in zip(scores, items, kept, strict=True)]
         return results, batch
+
+    def _clock(self) -> float:
+        """perf_counter after the device has finished queued work, so stage times are real."""
+        if self.adapter.device.type == "cuda":
+            torch.cuda.synchronize(self.adapter.device)
+        return time.perf_counter()
 
     def _calibrated(self, scores: torch.Tensor) -> torch.Tensor:
         """Per-category calibration of one window's scores [m] (identity without a file)."""

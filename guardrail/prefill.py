@@ -111,15 +111,19 @@ def _attention_relevance(engine, item: Item, query, key, mask, scaling, new: tor
     video = item.visual.nonzero().flatten()
     chunks = [torch.arange(lay.span(f"P{i}").start, lay.span(f"P{i}").stop)
               for i in range(len(engine.tokens.probes))]
+    dev = query.device
     if lay.span("V").start < lay.span("P0").start:                     # policies see the video
         rows = torch.cat([q_pos[c] for c in chunks])
-        w = attention_rows(query, key, mask, scaling, rows.to(query.device)).cpu()
+        w = attention_rows(query, key, mask, scaling, rows)            # [H, r, K] on device
         bounds = torch.tensor([0] + [c.numel() for c in chunks]).cumsum(0)
-        groups = [torch.arange(bounds[i], bounds[i + 1]) for i in range(len(chunks))]
-        return attention_to_columns(w, groups, k_pos[video])
-    rows = q_pos[video]
-    w = attention_rows(query, key, mask, scaling, rows.to(query.device)).cpu()
-    return attention_from_rows(w, torch.arange(rows.numel()), [k_pos[c] for c in chunks])
+        groups = [torch.arange(bounds[i], bounds[i + 1], device=dev) for i in range(len(chunks))]
+        rel = attention_to_columns(w, groups, k_pos[video].to(dev))
+    else:
+        rows = q_pos[video]
+        w = attention_rows(query, key, mask, scaling, rows)
+        rel = attention_from_rows(w, torch.arange(rows.numel(), device=dev),
+                                  [k_pos[c].to(dev) for c in chunks])
+    return rel.cpu()                                                   # [m, N]: small
 
 
 def _positions(indices: torch.Tensor, length: int) -> torch.Tensor:

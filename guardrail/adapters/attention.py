@@ -98,9 +98,11 @@ class AttentionCapture:
 
 def attention_rows(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scaling: float,
                    rows: torch.Tensor) -> torch.Tensor:
-    """Softmaxed attention of query rows `rows` of ONE batch row. query [H, n, d], key
-    [H_kv, K, d], mask [n, K] additive. Returns [H, r, K] fp32."""
+    """Softmaxed attention of query rows `rows` of ONE batch row, on the query's device.
+    query [H, n, d], key [H_kv, K, d], mask [n, K] additive (any device). Returns [H, r, K]
+    fp32."""
     h, h_kv = query.shape[0], key.shape[0]
     k = key.repeat_interleave(h // h_kv, dim=0).float()                 # [H, K, d]
-    scores = query[:, rows].float() @ k.transpose(1, 2) * scaling       # [H, r, K]
-    return (scores + mask[rows].float()).softmax(dim=-1)
+    q = query[:, rows.to(query.device)].float()                          # [H, r, d]
+    scores = q @ k.transpose(1, 2) * scaling                              # [H, r, K]
+    return (scores + mask[rows.to(mask.device)].to(scores.device, torch.float32)).softmax(dim=-1)
