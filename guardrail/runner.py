@@ -36,6 +36,13 @@ class Item:
         return self.layout.group_span(len(self.layout.groups) - 1).start
 
 
+def _same_row(first: Item, item: Item, idx: torch.Tensor, keys: torch.Tensor, b: int) -> bool:
+    """Row b's visibility equals row 0's: same tokens at the same slots, same segments."""
+    return (torch.equal(idx[b], idx[0]) and torch.equal(keys[b], keys[0])
+            and torch.equal(item.layout.group_of, first.layout.group_of)
+            and torch.equal(item.layout.segment_of, first.layout.segment_of))
+
+
 def pad_rows(rows: list[torch.Tensor], fill: int = -1) -> torch.Tensor:
     """Ragged 1-D int tensors -> [B, max_len], right-padded with `fill`."""
     width = max(int(r.numel()) for r in rows)
@@ -67,7 +74,8 @@ class Batch:
             q = idx[b].clamp(min=0)
             ids.append(item.layout.ids[q])
             pos.append(torch.where(idx[b] >= 0, item.layout.positions[:, q], 0))
-            masks.append(visibility(item.layout, idx[b], keys[b]))
+            if not (masks and _same_row(self.items[0], item, idx, keys, b)):
+                masks.append(visibility(item.layout, idx[b], keys[b]))
             vis = item.visual[q] & (idx[b] >= 0)
             vis_rows.append(vis)
             deep_rows.append(item.feat_row[q][vis])
@@ -81,14 +89,16 @@ class Batch:
             if rows[0].deepstack:
                 deepstack = tuple(torch.cat(layer) for layer in zip(*(f.deepstack for f in rows),
                                                                     strict=True))
-        visible = torch.stack(masks)                                     # [B, n, K + n]
+        # [B, n, K + n], or [1, n, K + n] broadcast when every row sees alike (the common case
+        # of equal-size videos against one policy set): one mask instead of B copies
+        visible = torch.stack(masks) if len(masks) == len(self.items) else masks[0][None]
         positions = torch.stack(pos, dim=1)                              # [rows, B, n]
         if capture is None:
             hidden = self.adapter.forward(embeds, positions, visible, self.cache, visual,
                                           deepstack)
         else:
             layer, fn = capture
-            mask = additive_mask(visible, torch.float32)[:, 0]          # [B, n, K + n]
+            mask = additive_mask(visible, torch.float32)[:, 0].expand(len(self.items), -1, -1)
             with self.adapter.capture.capture(layer, lambda q, k, s: fn(q, k, mask, s, keys)):
                 hidden = self.adapter.forward(embeds, positions, visible, self.cache, visual,
                                               deepstack)

@@ -175,3 +175,27 @@ def test_calibration_file_is_applied(engine, clip, tmp_path):
     got = np.array(list(_scores(calibrated, clip).values()))
     assert np.allclose(got, cal.apply_many(ids, raw_scores), atol=1e-6)
     assert np.abs(got - raw_scores).max() > 1e-3            # calibration really moved them
+
+
+def test_causal_fast_path_equals_explicit_mask(engine, monkeypatch):
+    """Where visibility is plain causal over the cache (sequential prefills, decode steps) the
+    adapter lets the backend build its own causal mask; that must equal the explicit mask,
+    including new tokens that follow a cache (bottom-right aligned)."""
+    adapter = engine.adapter
+    ids = torch.arange(5, 45)
+    pos = torch.arange(40).expand(adapter.rows, 1, -1)
+
+    def run():
+        cache = adapter.new_cache()
+        adapter.forward(adapter.embed(ids[:30])[None], pos[..., :30],
+                        torch.ones(1, 30, 30, dtype=torch.bool).tril(), cache)
+        visible = torch.ones(1, 10, 40, dtype=torch.bool).tril(30)
+        return adapter.forward(adapter.embed(ids[30:])[None], pos[..., 30:], visible, cache)
+
+    fast = run()
+    explicit = type(adapter)._mask
+    monkeypatch.setattr(type(adapter), "_mask", lambda self, visible, batch: self.capture.mask(
+        visible.expand(batch, -1, -1), self.dtype))
+    slow = run()
+    monkeypatch.setattr(type(adapter), "_mask", explicit)
+    assert torch.allclose(fast, slow, atol=1e-5, rtol=0)

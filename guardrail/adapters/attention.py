@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from guardrail.layout import additive_mask
@@ -66,6 +67,7 @@ class AttentionCapture:
             base = ALL_ATTENTION_FUNCTIONS[backend]
         self._layers = [layer.self_attn for layer in language_model.layers]
         self._active: tuple[Any, CaptureFn] | None = None
+        self.backend = backend
 
         def attention(module, query, key, value, attention_mask, **kwargs):
             if self._active is not None and module is self._active[0]:
@@ -73,11 +75,14 @@ class AttentionCapture:
                 self._active[1](query, key, float(scaling))
             return base(module, query, key, value, attention_mask, **kwargs)
 
-        # NOTE: registered names are global in transformers; one per adapter instance.
+        # NOTE: registered names are global in transformers; one per adapter instance. The mask
+        # interface must be registered under the same name: for an unknown name transformers
+        # builds no causal mask, and sdpa's own is_causal is top-left aligned, wrong whenever
+        # new tokens follow a cache.
         name = f"guardrail_{backend}_{next(_names)}"
         AttentionInterface.register(name, attention)
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[backend])
         config._attn_implementation = name
-        self.backend = backend
 
     @property
     def num_layers(self) -> int:

@@ -69,9 +69,21 @@ class TransformersAdapter:
         kwargs: dict[str, Any] = {self._cache_kw: cache, **self._extra(visual, deepstack)}
         out = self._lm(inputs_embeds=embeds, position_ids=self._positions(positions).to(
                            self.device),
-                       attention_mask=self.capture.mask(visible.to(self.device), self.dtype),
+                       attention_mask=self._mask(visible, embeds.shape[0]),
                        use_cache=True, **kwargs)
         return out.last_hidden_state
+
+    def _mask(self, visible: torch.Tensor, batch: int) -> Any:
+        """The backend's mask for `visible` [B or 1, Q, K], or None when it is exactly causal
+        over the whole cache (every prefill of `sequential`, every decode step): the backend's
+        own causal path is faster than any explicit mask."""
+        _, q, k = visible.shape
+        causal = torch.arange(k)[None, :] <= torch.arange(k - q, k)[:, None]     # [Q, K]
+        if k >= q and bool((visible == causal).all()):
+            return None
+        if self.capture.backend == "flex_attention":
+            visible = visible.expand(batch, -1, -1)       # block masks do not broadcast rows
+        return self.capture.mask(visible.to(self.device), self.dtype)
 
     def _extra(self, visual, deepstack) -> dict[str, Any]:
         """Extra language-model arguments for the visual tokens of this forward (none here)."""
