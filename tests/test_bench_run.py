@@ -24,7 +24,6 @@ from guardrail.bench.predictions import read_predictions
 from guardrail.bench.runner import EngineSpec, RayOptions, run
 from guardrail.errors import UsageError
 from guardrail.policy import load_policy
-from guardrail.tiny import make_tiny
 
 POLICY = Path(__file__).resolve().parents[1] / "policies" / "safewatch.yaml"
 FIXED = ["safewatch.acc", "safewatch.f1", "safewatch.auprc", "micro.precision", "micro.recall",
@@ -35,8 +34,8 @@ PER_CATEGORY = ["acc", "precision", "recall", "f1", "ap"]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return make_tiny(tmp_path_factory.mktemp("model"), "qwen2_5_vl")
+def model(tiny_model) -> Path:
+    return tiny_model("qwen2_5_vl")
 
 
 def _video(root: Path, name: str, frames: int) -> None:

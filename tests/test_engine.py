@@ -13,7 +13,7 @@ from guardrail.kvcache import filled, layers
 from guardrail.policy import load_policy
 from guardrail.probes import probe_scores
 from guardrail.runner import Batch, Item
-from guardrail.tiny import FAMILIES, make_tiny
+from guardrail.tiny import FAMILIES
 from guardrail.verdict import parse_answer
 from guardrail.video import Clip, SamplingConfig, Window, load_video
 
@@ -21,9 +21,9 @@ POLICY_DIR = Path(__file__).resolve().parents[1] / "policies"
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def engine(request, tmp_path_factory) -> GuardEngine:
-    path = make_tiny(tmp_path_factory.mktemp(request.param), request.param)
-    return GuardEngine.from_pretrained(path)  # default policy set: policies/safewatch.yaml
+def engine(request, tiny_model) -> GuardEngine:
+    # no policies argument: the default set, policies/safewatch.yaml
+    return GuardEngine.from_pretrained(tiny_model(request.param))
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,12 @@ import torch
 
 from guardrail.chunk_cache import ChunkCache
 from guardrail.engine import GuardEngine
-from guardrail.tiny import make_tiny
 from guardrail.video import load_video
 
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
-def engine(request, tmp_path_factory) -> GuardEngine:
-    return GuardEngine.from_pretrained(make_tiny(tmp_path_factory.mktemp("m"), request.param))
+def engine(request, tiny_model) -> GuardEngine:
+    return GuardEngine.from_pretrained(tiny_model(request.param))
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +128,10 @@ def test_batched_with_pruning_and_windows(engine, video_files, long_video):
 
 
 @pytest.mark.slow
-def test_flex_attention_backend_matches_sdpa(tmp_path, video_files):
+def test_flex_attention_backend_matches_sdpa(tiny_model, video_files):
     """The FlexAttention block-mask path (the GPU backend) gives sdpa's scores. Slow on CPU:
     flex compiles once per shape."""
-    path = make_tiny(tmp_path / "m", "qwen2_5_vl")
+    path = tiny_model("qwen2_5_vl")
     clip = load_video(video_files["mp4_h264"]).clips[0]
     sdpa = GuardEngine.from_pretrained(path, layout="parallel", keep_ratio=0.5)
     flex = GuardEngine.from_pretrained(path, layout="parallel", keep_ratio=0.5,

@@ -23,7 +23,6 @@ from guardrail.serve.app import create_app
 from guardrail.serve.errors import Unavailable
 from guardrail.serve.judge import LocalJudge
 from guardrail.serve.settings import Jobs, Limits, Load, ServiceSettings
-from guardrail.tiny import make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 VERDICT_KEYS = {"flagged", "categories", "description", "explanation", "segments", "model",
@@ -37,10 +36,8 @@ categories:
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> GuardEngine:
-    path = tmp_path_factory.getbasetemp() / "serve-tiny-qwen2_5_vl"  # shared by test_serve_*
-    return GuardEngine.from_pretrained(
-        path if (path / "config.json").exists() else make_tiny(path, "qwen2_5_vl"))
+def engine(tiny_model) -> GuardEngine:
+    return GuardEngine.from_pretrained(tiny_model("qwen2_5_vl"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from ray.serve.schema import ServeDeploySchema
 from guardrail.errors import UsageError
 from guardrail.serve.command import load_config, serve
 from guardrail.serve.settings import ServiceSettings
-from guardrail.tiny import make_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,10 +70,8 @@ def test_refuses_other_interfaces_without_keys(monkeypatch):
         serve("/nonexistent", host="0.0.0.0", port=free_port(), block=False)
 
 
-def test_local_backend_serves_the_openai_client(tmp_path, tmp_path_factory, video_files):
-    model = tmp_path_factory.getbasetemp() / "serve-tiny-qwen2_5_vl"  # shared by test_serve_*
-    if not (model / "config.json").exists():
-        make_tiny(model, "qwen2_5_vl")
+def test_local_backend_serves_the_openai_client(tmp_path, tiny_model, video_files):
+    model = tiny_model("qwen2_5_vl")
     server = serve(str(model), port=free_port(), backend="local", block=False,
                    jobs_db=str(tmp_path / "jobs.sqlite"), ready_timeout_s=120)
     try:

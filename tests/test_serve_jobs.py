@@ -18,14 +18,11 @@ from guardrail.serve.jobs import JobStore
 from guardrail.serve.judge import JudgeRequest, LocalJudge
 from guardrail.serve.runner import job_request
 from guardrail.serve.settings import Jobs, ServiceSettings
-from guardrail.tiny import make_tiny
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> GuardEngine:
-    path = tmp_path_factory.getbasetemp() / "serve-tiny-qwen2_5_vl"  # shared by test_serve_*
-    return GuardEngine.from_pretrained(
-        path if (path / "config.json").exists() else make_tiny(path, "qwen2_5_vl"))
+def engine(tiny_model) -> GuardEngine:
+    return GuardEngine.from_pretrained(tiny_model("qwen2_5_vl"))
 
 
 @pytest.fixture(scope="module")

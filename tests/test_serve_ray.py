@@ -19,7 +19,6 @@ import videos
 import yaml
 
 from guardrail.serve.command import serve
-from guardrail.tiny import make_tiny
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -63,10 +62,9 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def setup(ray_cluster, tmp_path_factory):
+def setup(ray_cluster, tmp_path_factory, tiny_model):
     tmp = tmp_path_factory.mktemp("ray")
-    shared = tmp_path_factory.getbasetemp() / "serve-tiny-qwen2_5_vl"  # shared by test_serve_*
-    model = str(shared if (shared / "config.json").exists() else make_tiny(shared, "qwen2_5_vl"))
+    model = str(tiny_model("qwen2_5_vl"))
     config = write_config(tmp, free_port())
     return {"model": model, "config": config}
 
