@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -23,14 +22,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from guardrail.errors import PolicyError
+from guardrail.yaml_lines import MAP_TAG, KeyPath, Walker, compose, format_path
 
 MAX_POLICY_BYTES = 1 << 20  # 1 MiB, checked before parsing
 MAX_CATEGORIES = 64
-MAX_NODES = 100_000  # bounds alias expansion ("billion laughs")
-MAX_DEPTH = 64
 MAX_MESSAGES = 100
 
-KeyPath = tuple[str | int, ...]  # e.g. ("categories", 3, "threshold")
 
 
 def _one_line(value: str) -> str:
@@ -213,11 +210,11 @@ def load_policy_text(text: str, source: str = "<string>") -> PolicySet:
     """Validate policy YAML text (`source` names it in messages); raises only PolicyError."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_POLICY_BYTES:
         raise PolicyError(f"{source}: policy is larger than {MAX_POLICY_BYTES} bytes")
-    root = _compose(text, source)
-    if not isinstance(root, yaml.MappingNode) or root.tag != _MAP:
+    root = compose(text, source)
+    if not isinstance(root, yaml.MappingNode) or root.tag != MAP_TAG:
         line = 1 if root is None else root.start_mark.line + 1
         raise PolicyError(f"{source}:{line}: top level must be a mapping")
-    walker = _Walker()
+    walker = Walker()
     value = walker.walk(root, ())
     errors = list(walker.errors)
     errors += _duplicate_ids(value, walker.lines)
@@ -239,107 +236,6 @@ def load_policy_text(text: str, source: str = "<string>") -> PolicySet:
     return policy
 
 
-_MAP = "tag:yaml.org,2002:map"
-_SEQ = "tag:yaml.org,2002:seq"
-_SCALAR_TAGS = {
-    f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "timestamp", "binary")
-}
-
-
-# NOTE: SafeConstructor's scalar constructors raise plain Python errors on explicit-tag garbage.
-_SCALAR_ERRORS = (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError, OverflowError)
-
-
-def _tag(tag: str) -> str:
-    return "!!" + tag.removeprefix("tag:yaml.org,2002:") if tag.startswith("tag:yaml.org") else tag
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader used only to compose nodes; values are built by `_Walker`."""
-
-
-def _compose(text: str, source: str) -> yaml.Node | None:
-    try:
-        return yaml.compose(text, Loader=_Loader)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        line = mark.line + 1 if mark else 1
-        problem = ", ".join(p for p in (err.context, err.problem) if p) or "invalid YAML"
-        raise PolicyError(f"{source}:{line}: yaml: {problem}") from None
-    except yaml.reader.ReaderError as err:
-        line = text.count("\n", 0, max(err.position, 0)) + 1
-        raise PolicyError(f"{source}:{line}: yaml: {err.reason}") from None
-    except yaml.YAMLError as err:
-        raise PolicyError(f"{source}:1: yaml: {str(err).splitlines()[0]}") from None
-    except RecursionError:
-        raise PolicyError(f"{source}:1: yaml: nested too deeply") from None
-
-
-class _Walker:
-    """Builds plain values from a node tree, recording line numbers and structural errors."""
-
-    def __init__(self) -> None:
-        self.lines: dict[KeyPath, int] = {}
-        self.errors: list[tuple[int, str]] = []  # (line, "path: message")
-        self.bad: set[KeyPath] = set()  # paths whose value could not be built
-        self.nodes = 0
-        self._constructor = yaml.constructor.SafeConstructor()
-        self._active: set[int] = set()
-
-    def error(self, node: yaml.Node, path: KeyPath, message: str, bad: bool = True) -> None:
-        if bad:
-            self.bad.add(path)
-        where = _format_path(path)
-        self.errors.append((node.start_mark.line + 1, f"{where}: {message}" if where else message))
-
-    def walk(self, node: yaml.Node, path: KeyPath) -> Any:
-        self.lines.setdefault(path, node.start_mark.line + 1)
-        self.nodes += 1
-        if id(node) in self._active:
-            self.error(node, path, "recursive alias")
-            return None
-        if len(path) > MAX_DEPTH:
-            self.error(node, path, f"nested deeper than {MAX_DEPTH} levels")
-            return None
-        if self.nodes > MAX_NODES:  # aliases can expand a small file into a huge tree
-            if self.nodes == MAX_NODES + 1:
-                self.error(node, path, f"more than {MAX_NODES} values (expanded aliases?)")
-            return None
-        self._active.add(id(node))
-        try:
-            if isinstance(node, yaml.MappingNode) and node.tag == _MAP:
-                return self._mapping(node, path)
-            if isinstance(node, yaml.SequenceNode) and node.tag == _SEQ:
-                return [self.walk(item, (*path, i)) for i, item in enumerate(node.value)]
-            if isinstance(node, yaml.ScalarNode) and node.tag in _SCALAR_TAGS:
-                try:
-                    return self._constructor.construct_object(node, deep=True)
-                except _SCALAR_ERRORS:  # e.g. `!!bool maybe`, `!!int x`, `!!timestamp 2024-13-45`
-                    self.error(node, path, f"invalid value for {_tag(node.tag)}")
-                    return None
-            self.error(node, path, f"tag {_tag(node.tag)} is not allowed")
-            return None
-        finally:
-            self._active.discard(id(node))
-
-    def _mapping(self, node: yaml.MappingNode, path: KeyPath) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                self.error(key_node, path, "keys must be plain strings", bad=False)
-                continue
-            key = key_node.value  # the key as written: `on:` stays "on", not True
-            child = (*path, key)
-            if key in out:
-                first = self.lines[child]
-                msg = f"duplicate key '{key}' (first at line {first})"
-                self.error(key_node, child, msg, bad=False)
-                continue
-            self.lines[child] = key_node.start_mark.line + 1
-            out[key] = self.walk(value_node, child)
-        return out
-
-
 def _duplicate_ids(value: dict[str, Any], lines: dict[KeyPath, int]) -> list[tuple[int, str]]:
     categories = value.get("categories")
     if not isinstance(categories, list):
@@ -351,14 +247,13 @@ def _duplicate_ids(value: dict[str, Any], lines: dict[KeyPath, int]) -> list[tup
             continue
         path = ("categories", i, "id")
         if cid in first:
-            msg = f"{_format_path(path)}: duplicate id '{cid}' (first at line {first[cid]})"
+            msg = f"{format_path(path)}: duplicate id '{cid}' (first at line {first[cid]})"
             errors.append((lines.get(path, 1), msg))
         else:
             first[cid] = lines.get(path, 1)
     return errors
 
 
-_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _PLAIN_MESSAGES = {
     "missing": "is required",
     "extra_forbidden": "unknown key",
@@ -393,7 +288,7 @@ def _from_pydantic(err: Any, lines: dict[KeyPath, int]) -> tuple[int, str]:
         message = str(ctx.get("error", err["msg"]))
     else:
         message = err["msg"][:1].lower() + err["msg"][1:]
-    where = _format_path(loc)
+    where = format_path(loc)
     while loc and loc not in lines:  # the deepest node that exists in the file
         loc = loc[:-1]
     return lines.get(loc, 1), f"{where}: {message}" if where else message
@@ -402,17 +297,6 @@ def _from_pydantic(err: Any, lines: dict[KeyPath, int]) -> tuple[int, str]:
 def _short(value: Any, limit: int = 40) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _format_path(path: KeyPath) -> str:
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-            continue
-        name = part if _PLAIN_KEY.fullmatch(part) else repr(part)  # odd keys stay on one line
-        out += f".{name}" if out else name
-    return out
 
 
 def _report(source: str, errors: list[tuple[int, str]]) -> list[str]:
