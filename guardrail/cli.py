@@ -125,6 +125,7 @@ def model_make_tiny(
     """Write a tiny random model + tokenizer + processor (for tests and dry runs only)."""
     from guardrail.tiny import make_tiny
 
+    quiet_transformers()
     path = make_tiny(out_dir, family, seed=seed)
     out.print(f"wrote a tiny random {family} model to {path} (its verdicts are meaningless)")
 
