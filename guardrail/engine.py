@@ -190,10 +190,8 @@ class GuardEngine:
         t0 = time.perf_counter()
         inputs = [self.adapter.video_inputs(c) for c in clips]
         t1 = self._clock()
-        items = []
-        for video in inputs:
-            lay, visual = self.layout(video)
-            items.append(Item(lay, visual, self.adapter.visual_features(video)))
+        items = [Item(*self.layout(video), feats) for video, feats in
+                 zip(inputs, self.adapter.visual_features_many(inputs), strict=True)]
         batch, start = self._start(items)
         kept = prefill(self, batch, start)
         t2 = self._clock()

@@ -67,6 +67,9 @@ class ModelAdapter(Protocol):
     def visual_features(self, video: VideoInputs) -> VisualFeatures:
         """Run the visual encoder."""
 
+    def visual_features_many(self, videos: list[VideoInputs]) -> list[VisualFeatures]:
+        """`visual_features` of several clips, in one encoder call where the family allows."""
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """[T] ids -> [T, D] input embeddings."""
 

@@ -71,17 +71,25 @@ class QwenVLAdapter(TransformersAdapter):
         end = getattr(p, "vision_end_token", None) or "<|vision_end|>"
         return start, p.video_token, end
 
-    @torch.inference_mode()
     def visual_features(self, video: VideoInputs) -> VisualFeatures:
-        pixels = video.encoder_inputs["pixel_values_videos"].to(self.device)
-        grid = video.encoder_inputs["video_grid_thw"].to(self.device)
-        out = self.model.model.get_video_features(pixels, grid, return_dict=True)
-        embeds = _cat(out.pooler_output).to(self.dtype)
-        deepstack = tuple(_cat(d).to(self.dtype) for d in (getattr(out, "deepstack_features", None)
-                                                           or ()))
-        assert embeds.shape[0] == video.num_visual, (
-            f"encoder gave {embeds.shape[0]} visual embeddings for {video.num_visual} tokens")
-        return VisualFeatures(embeds, deepstack if self._deepstack else ())
+        return self.visual_features_many([video])[0]
+
+    @torch.inference_mode()
+    def visual_features_many(self, videos: list[VideoInputs]) -> list[VisualFeatures]:
+        """One visual-encoder call for several clips (the encoder takes a list of grids)."""
+        pixels = torch.cat([v.encoder_inputs["pixel_values_videos"] for v in videos])
+        grid = torch.cat([v.encoder_inputs["video_grid_thw"] for v in videos])
+        out = self.model.model.get_video_features(pixels.to(self.device), grid.to(self.device),
+                                                  return_dict=True)
+        embeds = _cat(out.pooler_output).to(self.dtype)                    # [sum Nv, D]
+        deep = [_cat(d).to(self.dtype) for d in (getattr(out, "deepstack_features", None) or ())]
+        counts = [v.num_visual for v in videos]
+        assert embeds.shape[0] == sum(counts), (
+            f"encoder gave {embeds.shape[0]} visual embeddings for {sum(counts)} tokens")
+        parts = embeds.split(counts)
+        deep_parts = [d.split(counts) for d in deep] if self._deepstack else []
+        return [VisualFeatures(parts[i], tuple(d[i] for d in deep_parts))
+                for i in range(len(videos))]
 
     def _extra(self, visual, deepstack) -> dict[str, Any]:
         if deepstack and visual is not None and bool(visual.any()):

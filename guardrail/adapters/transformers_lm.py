@@ -57,6 +57,10 @@ class TransformersAdapter:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                   tokenize=False)
 
+    def visual_features_many(self, videos: list) -> list:
+        """Visual features of several clips; families whose encoder batches override this."""
+        return [self.visual_features(v) for v in videos]
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids.to(self.device))
 
