@@ -84,10 +84,6 @@ class AttentionCapture:
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[backend])
         config._attn_implementation = name
 
-    @property
-    def num_layers(self) -> int:
-        return len(self._layers)
-
     @contextmanager
     def capture(self, layer: int, fn: CaptureFn) -> Iterator[None]:
         if not 0 <= layer < len(self._layers):
