@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -203,6 +204,13 @@ def plain_generate(model: Any, processor: Any, prompt: str, video: Video, new_to
     return int(out.shape[1] - inputs["input_ids"].shape[1])
 
 
+def write_markdown(path: str, title: str, table: str, lines: list[str]) -> None:
+    """A benchmark's table and notes as a markdown file under its title and command line."""
+    with open(path, "w") as f:
+        f.write(f"# {title}\n\n`{' '.join(sys.argv)}`\n\n" + table + "\n" + "\n\n".join(lines)
+                + "\n")
+
+
 # ------------------------------------------------------------------ counting what runs
 
 
@@ -234,13 +242,7 @@ class Meter:
 
     def __post_init__(self):
         m = self.model
-        lm, vis = m.model.language_model, m.model.visual
-        tc, vc = m.config.text_config, m.config.vision_config
-        self.p_layers = sum(p.numel() for p in lm.layers.parameters())
-        self.attn_width = tc.num_attention_heads * (getattr(tc, "head_dim", None)
-                                                    or tc.hidden_size // tc.num_attention_heads)
-        self.n_layers = tc.num_hidden_layers
-        self.p_head = m.lm_head.weight.numel()
+        vis, vc = m.model.visual, m.config.vision_config
         self.p_vis_patch = sum(p.numel() for n, p in vis.named_parameters()
                                if not n.startswith("merger."))
         self.p_merger = sum(p.numel() for p in vis.merger.parameters())
@@ -248,6 +250,18 @@ class Meter:
         self.win = (vc.window_size // vc.patch_size) ** 2
         self.n_full = len(vc.fullatt_block_indexes)
         self.n_win = vc.depth - self.n_full
+        self._install(vis)
+
+    def _install(self, vis) -> None:
+        """Language-model sizes and the hooks on the LM, its head and the vision tower `vis`
+        (shared by every family's meter; the vision counting is the family's `_vis_pre`)."""
+        m = self.model
+        lm, tc = m.model.language_model, m.config.text_config
+        self.p_layers = sum(p.numel() for p in lm.layers.parameters())
+        self.attn_width = tc.num_attention_heads * (getattr(tc, "head_dim", None)
+                                                    or tc.hidden_size // tc.num_attention_heads)
+        self.n_layers = tc.num_hidden_layers
+        self.p_head = m.lm_head.weight.numel()
         self._t0 = 0.0
         self.handles = [
             lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True),

@@ -83,24 +83,13 @@ class InternVLMeter(C.Meter):
 
     def __post_init__(self):
         m = self.model
-        lm, vis = m.model.language_model, m.model.vision_tower
-        tc, vc = m.config.text_config, m.config.vision_config
-        self.p_layers = sum(p.numel() for p in lm.layers.parameters())
-        self.attn_width, self.n_layers = tc.num_attention_heads * tc.head_dim, tc.num_hidden_layers
-        self.p_head = m.lm_head.weight.numel()
+        vis, vc = m.model.vision_tower, m.config.vision_config
         self.p_vit = sum(p.numel() for p in vis.parameters())
         self.p_proj = sum(p.numel() for p in m.model.multi_modal_projector.parameters())
         self.vis_width, self.vis_layers = vc.hidden_size, vc.num_hidden_layers
         self.seq = (vc.image_size[0] // vc.patch_size[0]) ** 2 + 1
         self.per_tile = m.config.image_seq_length
-        self._t0 = 0.0
-        self.handles = [
-            lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True),
-            lm.register_forward_hook(self._after),
-            m.lm_head.register_forward_pre_hook(self._head),
-            vis.register_forward_pre_hook(self._vis_pre, with_kwargs=True),
-            vis.register_forward_hook(self._vis_post),
-        ]
+        self._install(vis)
 
     def _vis_pre(self, module, args, kwargs):
         tiles = kwargs.get("pixel_values", args[0] if args else None).shape[0]
@@ -248,15 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     table = Q.render(b, rows, peak)
     m = b.meter
     lines = [f"{env}; measured matmul peak {peak:.3g} TFLOP/s; total {Q.process_age_s():.0f} s",
-             checks, *Q.verdict_lines(rows),
+             checks, *Q.verdict_lines(rows, args.small),
              Q.FLOPS_NOTE.split(" vision encoder")[0] + " vision tower 2*P_vit*N_tokens + "
              "4*D_vit*sum_layers(1,025^2 per tile) + 2*P_proj*256 per tile. Here P_layers = "
              f"{m.p_layers:.3g}, P_vit = {m.p_vit:.3g}, P_proj = {m.p_proj:.3g}."]
     print(table + "\n".join(lines))
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(f"# InternVL2-8B (random weights) on {card}\n\n`{' '.join(sys.argv)}`\n\n"
-                    + table + "\n" + "\n\n".join(lines) + "\n")
+        C.write_markdown(args.out, f"InternVL2-8B (random weights) on {card}", table, lines)
     return 0
 
 

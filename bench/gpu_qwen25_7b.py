@@ -381,9 +381,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{b.meter.p_vis_patch:.3g}, P_merger = {b.meter.p_merger:.3g}."]
     print(table + "\n".join(lines))
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(f"# Qwen2.5-VL-7B (random weights) on {card}\n\n`{' '.join(sys.argv)}`\n\n"
-                    + table + "\n" + "\n\n".join(lines) + "\n")
+        C.write_markdown(args.out, f"Qwen2.5-VL-7B (random weights) on {card}", table, lines)
     return 0
 
 
