@@ -70,12 +70,14 @@ class Batch:
         idx = pad_rows(new)                                              # [B, n]
         keys = torch.cat([self.slots, idx], dim=1)                       # [B, K + n]
         ids, pos, masks, vis_rows, deep_rows = [], [], [], [], []
+        alike = True                                                     # every row sees as row 0
         for b, item in enumerate(self.items):
             q = idx[b].clamp(min=0)
             ids.append(item.layout.ids[q])
             pos.append(torch.where(idx[b] >= 0, item.layout.positions[:, q], 0))
-            if not (masks and _same_row(self.items[0], item, idx, keys, b)):
-                masks.append(visibility(item.layout, idx[b], keys[b]))
+            same = b > 0 and _same_row(self.items[0], item, idx, keys, b)
+            masks.append(masks[0] if same else visibility(item.layout, idx[b], keys[b]))
+            alike = alike and (b == 0 or same)
             vis = item.visual[q] & (idx[b] >= 0)
             vis_rows.append(vis)
             deep_rows.append(item.feat_row[q][vis])
@@ -91,7 +93,7 @@ class Batch:
                                                                     strict=True))
         # [B, n, K + n], or [1, n, K + n] broadcast when every row sees alike (the common case
         # of equal-size videos against one policy set): one mask instead of B copies
-        visible = torch.stack(masks) if len(masks) == len(self.items) else masks[0][None]
+        visible = masks[0][None] if alike else torch.stack(masks)
         positions = torch.stack(pos, dim=1)                              # [rows, B, n]
         if capture is None:
             hidden = self.adapter.forward(embeds, positions, visible, self.cache, visual,
