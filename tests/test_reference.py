@@ -19,7 +19,7 @@ from guardrail.engine import GuardEngine
 from guardrail.prompt import build_prompt, render_prompt
 from guardrail.runner import Batch, Item
 from guardrail.tiny import ALL_FAMILIES
-from guardrail.video import load_video
+from guardrail.video import SamplingConfig, load_video
 
 
 @pytest.fixture(scope="module", params=ALL_FAMILIES)
@@ -155,3 +155,18 @@ def test_explanation_is_the_models_greedy_text(engine, ref, video_files):
         [c.flagged for c in verdict.categories], 24)
     assert description and explanation
     assert (verdict.description, verdict.explanation) == (description, explanation)
+
+
+def test_explanation_comes_from_the_top_scoring_window(engine, ref, long_video):
+    """With several windows the text is decoded over the window whose top score is highest."""
+    sampling = SamplingConfig(num_frames=4, window_s=10.0)
+    eng = engine.with_config(mode="explain", max_new_tokens=18, sampling=sampling)
+    verdict = eng.check(long_video)
+    tops = [max(s.scores.values()) for s in verdict.segments]
+    best = tops.index(max(tops))
+    assert len(tops) == 4 and tops.index(min(tops)) != best
+    clip = load_video(long_video, sampling).clips[best]
+    prompt = build_prompt(engine.policies)
+    want = ref.explain(ref.inputs(_chat_prompt(engine, ref), clip), list(prompt.keys),
+                       [c.flagged for c in verdict.categories], 18)
+    assert (verdict.description, verdict.explanation) == want
