@@ -20,12 +20,6 @@ from guardrail.serve.settings import ServiceSettings
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_deploy_serve_yaml_is_a_valid_serve_config():
     cfg = load_config(ROOT / "deploy" / "serve.yaml")
     assert (cfg.host, cfg.port, cfg.app_name) == ("127.0.0.1", 8000, "guardrail")
@@ -67,14 +61,27 @@ def test_overrides_and_bad_configs(tmp_path):
 def test_refuses_other_interfaces_without_keys(monkeypatch):
     monkeypatch.delenv("GUARDRAIL_API_KEYS", raising=False)
     with pytest.raises(UsageError, match="needs API keys"):
-        serve("/nonexistent", host="0.0.0.0", port=free_port(), block=False)
+        serve("/nonexistent", host="0.0.0.0", port=0, block=False)
+
+
+def test_port_0_means_local_backend_and_a_taken_port_is_refused():
+    assert load_config(ROOT / "deploy" / "serve.yaml", port=0).port == 0
+    with pytest.raises(UsageError, match="port 0 .* needs backend local"):
+        serve("/nonexistent", port=0, block=False)  # Ray's proxy cannot report its port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UsageError, match=f"cannot listen on 127.0.0.1:{port}"):
+            serve("/nonexistent", port=port, backend="local", block=False)
 
 
 def test_local_backend_serves_the_openai_client(tmp_path, tiny_model, video_files):
     model = tiny_model("qwen2_5_vl")
-    server = serve(str(model), port=free_port(), backend="local", block=False,
+    server = serve(str(model), port=0, backend="local", block=False,  # the server binds a port
                    jobs_db=str(tmp_path / "jobs.sqlite"), ready_timeout_s=120)
     try:
+        assert int(server.url.rsplit(":", 1)[1]) > 0, server.url
         assert httpx.get(f"{server.url}/healthz", timeout=10).json()["status"] == "ok"
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         mp4 = base64.b64encode(video_files["webm_vp9"].read_bytes()).decode()

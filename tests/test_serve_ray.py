@@ -1,14 +1,18 @@
 """The service on a real local Ray (SPEC §6.3): the deployment path end to end.
 
-One Ray per module (127.0.0.1, 2 CPUs), the real engine with a tiny model, the app started the
-way `guardrail serve` starts it, and restarted once. Bounded: every wait has a timeout.
+One Ray and one Serve HTTP proxy per module (127.0.0.1, 2 CPUs), the real engine with a tiny
+model, the app started the way `guardrail serve` starts it. Tests that stop or break a service
+run their own application (own name, route prefix and job store) beside the module's one.
+Bounded: every wait has a timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -25,29 +29,51 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
+DEPLOY = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_config(tmp: Path, port: int) -> Path:
-    """deploy/serve.yaml with small queues, so a burst overflows them."""
-    cfg = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
-    cfg["http_options"]["port"] = port
+def write_config(tmp: Path, http: dict, app_name: str | None = None, **args) -> Path:
+    """deploy/serve.yaml on the module's proxy (`http`), with small queues so that a burst
+    overflows them. `app_name`: a separate application under /<app_name>, its deployments
+    taking no CPU (the module's app holds both); `args` replace top-level service settings."""
+    cfg = copy.deepcopy(DEPLOY)
+    cfg["http_options"] = http
     app = cfg["applications"][0]
     app["args"]["frames"] = 2
     app["args"]["batching"] = {"max_batch_size": 4, "batch_wait_timeout_s": 0.1}
     app["args"]["jobs"] = {"db_path": str(tmp / "jobs.sqlite"), "poll_s": 0.1}
+    app["args"].update(args)
     for d in app["deployments"]:
         d.update(graceful_shutdown_wait_loop_s=0.2, graceful_shutdown_timeout_s=5)
         if d["name"] == "GuardModel":
             d.update(max_ongoing_requests=4, max_queued_requests=2)
-    path = tmp / "serve.yaml"
+        if app_name:
+            d["ray_actor_options"] = {"num_cpus": 0}
+    if app_name:
+        app.update(name=app_name, route_prefix=f"/{app_name}")
+    path = tmp / f"serve-{app_name or 'module'}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def start_proxy(tries: int = 5) -> dict:
+    """Start Serve's HTTP proxy on a port the OS offers; when another process binds that port
+    first (the proxy cannot take port 0 and tell us the port), start again on another. Returns
+    the proxy's http_options, which every config of this module must repeat."""
+    from ray import serve as ray_serve
+
+    for _ in range(tries):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            http = {**DEPLOY["http_options"], "host": "127.0.0.1", "port": s.getsockname()[1]}
+        try:
+            ray_serve.start(http_options=http, proxy_location=DEPLOY["proxy_location"])
+            return http
+        except RuntimeError as err:
+            if "Failed to bind" not in str(err):
+                raise
+            ray_serve.shutdown()
+    pytest.fail(f"Serve's proxy found no free port in {tries} tries")
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +82,21 @@ def ray_cluster():
     from ray import serve as ray_serve
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
-    yield
-    ray_serve.shutdown()
-    ray.shutdown()
+    try:
+        yield start_proxy()
+    finally:
+        ray_serve.shutdown()
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
-def setup(ray_cluster, tmp_path_factory, tiny_model):
-    tmp = tmp_path_factory.mktemp("ray")
-    model = str(tiny_model("qwen2_5_vl"))
-    config = write_config(tmp, free_port())
-    return {"model": model, "config": config}
+def model(tiny_model) -> str:
+    return str(tiny_model("qwen2_5_vl"))
+
+
+@pytest.fixture(scope="module")
+def setup(ray_cluster, tmp_path_factory, model):
+    return {"model": model, "config": write_config(tmp_path_factory.mktemp("ray"), ray_cluster)}
 
 
 @pytest.fixture(scope="module")
@@ -145,20 +175,64 @@ def test_overload_gives_429_and_requests_are_batched(server, clip):
     assert 'route="/v1/moderate",status="429"' in metrics
 
 
-def test_job_survives_restart(setup, server, clip):
-    job = httpx.post(f"{server.url}/v1/jobs", files={"file": ("v.mp4", clip, "video/mp4")},
-                     headers=AUTH, timeout=60).json()
-    done = wait_job(server.url, job["id"], AUTH)
-    assert done["status"] == "succeeded"
-    pending = httpx.post(f"{server.url}/v1/jobs", files={"file": ("v.mp4", clip, "video/mp4")},
-                         headers=AUTH, timeout=60).json()["id"]
-    server.stop()
-    again = serve(setup["model"], setup["config"], block=False, ready_timeout_s=180)  # no keys
+def test_queued_job_runs_after_a_restart(ray_cluster, model, tmp_path, clip):
+    # The first service only accepts jobs (no runner), so the job is surely still queued when
+    # it stops; the second, on the same job store, runs it.
+    accept_only = write_config(tmp_path, ray_cluster, "restart",
+                               jobs={"db_path": str(tmp_path / "jobs.sqlite"), "workers": 0})
+    first = serve(model, accept_only, api_keys=[KEY], block=False, ready_timeout_s=180)
     try:
-        assert httpx.get(f"{again.url}/v1/jobs/{done['id']}", timeout=10).json() == done
-        assert wait_job(again.url, pending, {})["status"] == "succeeded"
+        reply = httpx.post(f"{first.url}/v1/jobs", files={"file": ("v.mp4", clip, "video/mp4")},
+                           headers=AUTH, timeout=60)
+        assert reply.status_code == 202, reply.text
+        queued = httpx.get(f"{first.url}/v1/jobs/{reply.json()['id']}", headers=AUTH,
+                           timeout=10).json()
+        assert queued["status"] == "queued", queued
+    finally:
+        first.stop()
+    assert httpx.get(f"{first.url}/healthz", timeout=10).status_code == 404  # the app is gone
+    runs = write_config(tmp_path, ray_cluster, "restart",
+                        jobs={"db_path": str(tmp_path / "jobs.sqlite"), "poll_s": 0.1})
+    again = serve(model, runs, block=False, ready_timeout_s=180)  # no keys
+    try:
+        done = wait_job(again.url, queued["id"], {})
+        assert done["status"] == "succeeded" and done["created_at"] == queued["created_at"]
+        assert done["verdict"]["video"]["frames_used"] == 2, done
     finally:
         again.stop()
+
+
+def test_model_replica_dying_mid_request_is_a_json_503(ray_cluster, model, tmp_path, clip):
+    # A batch that waits 60 s to fill holds the lone request inside the model replica, which is
+    # then killed: the ingress sees RayActorError and must answer 503, not 500.
+    import ray
+
+    config = write_config(tmp_path, ray_cluster, "unavailable",
+                          batching={"max_batch_size": 4, "batch_wait_timeout_s": 60})
+    srv = serve(model, config, block=False, ready_timeout_s=180)
+    try:
+        (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if a["name"].startswith("SERVE_REPLICA::unavailable#GuardModel#")]
+        replica = ray.get_actor(name, namespace="serve")
+        replies: list[httpx.Response] = []
+        request = threading.Thread(target=lambda: replies.append(post_video(srv.url, clip)),
+                                   daemon=True)
+        request.start()
+        deadline = time.monotonic() + 30  # the replica actor's own count, which Serve routes by
+        while ray.get(replica.get_num_ongoing_requests.remote(), timeout=10) < 1:
+            assert time.monotonic() < deadline, "the request never reached the model replica"
+            time.sleep(0.05)
+        ray.kill(replica, no_restart=True)
+        request.join(timeout=60)
+        assert replies, "no reply within 60 s"
+        reply = replies[0]
+        assert reply.status_code == 503 and reply.headers["retry-after"] == "1", reply.text
+        body = reply.json()
+        assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}, body
+        assert body["error"]["type"] == "unavailable", body
+        assert body["error"]["message"].startswith("model replica unavailable"), body
+    finally:
+        srv.stop()
 
 
 def wait_job(url: str, job_id: str, headers: dict, timeout_s: float = 120) -> dict:

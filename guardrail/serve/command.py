@@ -5,7 +5,8 @@
     server.stop()
 
 `backend="ray"` (default) starts a local Ray unless one is running or `ray_address` names a
-cluster; `backend="local"` runs the same FastAPI app in-process with uvicorn, without Ray.
+cluster; `backend="local"` runs the same FastAPI app in-process with uvicorn, without Ray, and
+takes `port=0` (a free port, bound by the server: read it from `Server.url`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve.yaml"
 
 
 class Server:
-    """A running service: its base URL, and `stop()` (idempotent)."""
+    """A running service: its base URL (with the port it listens on), and `stop()`
+    (idempotent)."""
 
     def __init__(self, url: str, stop: Callable[[], None]):
         self.url = url
@@ -71,9 +73,15 @@ def serve(model: str | None = None, config: str | os.PathLike | None = None,
     cfg.settings.check_auth()
     if backend not in ("ray", "local"):
         raise UsageError(f"backend must be ray or local, not {backend!r}")
-    url = f"http://{_url_host(cfg.host)}:{cfg.port}"
+    if backend == "ray" and cfg.port == 0:  # the proxy would bind a port nobody can learn
+        raise UsageError("port 0 (any free port) needs backend local; give Ray a port")
     try:
-        stop = _start_ray(cfg, ray_address, num_gpus) if backend == "ray" else _start_local(cfg)
+        if backend == "ray":  # the proxy serves the application under its route prefix
+            stop = _start_ray(cfg, ray_address, num_gpus)
+            url = f"http://{_url_host(cfg.host)}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+        else:
+            stop, bound = _start_local(cfg)
+            url = f"http://{_url_host(cfg.host)}:{bound}"
     except KeyboardInterrupt:  # Ctrl-C while starting: the backend has cleaned up
         return None
     try:
@@ -93,7 +101,7 @@ def serve(model: str | None = None, config: str | os.PathLike | None = None,
 
 def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> ServeConfig:
     """Read a Serve config (validated as Ray validates it) and apply the overrides that are
-    not None: model, host, port, api_keys, jobs_db, policies_dir."""
+    not None: model, host, port (0: any free port), api_keys, jobs_db, policies_dir."""
     from ray.serve.schema import ServeDeploySchema
 
     source = Path(path) if path is not None else DEFAULT_CONFIG
@@ -110,7 +118,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Serv
     app = apps[0]
     http = dict(raw.get("http_options") or {})
     host = overrides.get("host") or http.get("host") or "127.0.0.1"
-    port = int(overrides.get("port") or http.get("port") or 8000)
+    port = next((int(p) for p in (overrides.get("port"), http.get("port")) if p is not None), 8000)
     args = dict(app.get("args") or {})
     args["host"] = host
     for key in ("model", "api_keys", "policies_dir"):
@@ -160,7 +168,7 @@ def _start_ray(cfg: ServeConfig, address: str | None, num_gpus: float | None) ->
 
     started = not ray.is_initialized()
     if started and not address:
-        _check_port_free(cfg.host, cfg.port)  # else a running Serve may own the port already
+        _bind(cfg.host, cfg.port).close()  # else a running Serve may own the port already
     if started and address:
         ray.init(address=address, include_dashboard=False, logging_level="warning")
     elif started:
@@ -200,25 +208,33 @@ def _start_ray(cfg: ServeConfig, address: str | None, num_gpus: float | None) ->
     return stop
 
 
-def _start_local(cfg: ServeConfig) -> Callable[[], None]:
+def _start_local(cfg: ServeConfig) -> tuple[Callable[[], None], int]:
+    """Uvicorn in a thread on a socket bound here (so port 0 works); returns (stop, port)."""
     import uvicorn
 
     from guardrail.serve.app import create_app
     from guardrail.serve.judge import LocalJudge, load_engine
 
-    _check_port_free(cfg.host, cfg.port)
-    s = cfg.settings
-    app = create_app(LocalJudge(load_engine(s), s.load.max_queued, s.load.retry_after_s), s)
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
+    sock = _bind(cfg.host, cfg.port)
+    try:
+        s = cfg.settings
+        app = create_app(LocalJudge(load_engine(s), s.load.max_queued, s.load.retry_after_s), s)
+    except BaseException:
+        sock.close()
+        raise
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=port, log_level="warning",
                                            lifespan="on"))
-    thread = threading.Thread(target=server.run, name="guardrail-uvicorn", daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
+                              name="guardrail-uvicorn", daemon=True)
     thread.start()
 
     def stop() -> None:
         server.should_exit = True
         thread.join(timeout=30)
+        sock.close()
 
-    return stop
+    return stop, port
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -233,14 +249,17 @@ def _local_gpus() -> int:
         return 0
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port); UsageError when that address is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as err:
-            raise UsageError(f"cannot listen on {host}:{port} ({err.strerror})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port} ({err.strerror})") from None
+    return sock
 
 
 def _url_host(host: str) -> str:
