@@ -81,6 +81,11 @@ def build_cases(engine: GuardEngine, model, processor, videos, mp4: bytes, n: in
                                                                      for v in batch], videos=8))
     b8 = pc.with_config(batch_size=8)
     cases.append(Case("pc fast warm: check_batch(8)", lambda i: b8.check_batch(batch), videos=8))
+    ex = engine.with_config(layout="parallel", mode="explain", max_new_tokens=n, batch_size=8)
+    cases.append(Case("parallel explain: 8 videos, check() each",
+                      lambda i: [ex.check(v) for v in batch], videos=8))
+    cases.append(Case("parallel explain: check_batch(8)", lambda i: ex.check_batch(batch),
+                      videos=8))
 
     def decode(i: int) -> list:
         load_video(mp4, engine.config.sampling)
@@ -152,16 +157,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(cases: list[Case], times, counts, kept, stages) -> str:
     base = C.median(times[BASELINE])
-    rows = ["| configuration | LM tokens / video | kept video tokens | ms / video | videos/s "
-            "| x generate() | prep | enc | prefill | verdict | generate |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| configuration | LM forwards | LM tokens / video | kept video tokens | ms / video "
+            "| videos/s | x generate() | prep | enc | prefill | verdict | generate |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cases:
         per = C.median(times[c.name]) / c.videos
         tokens = counts[c.name].lm_tokens / c.videos if c.name in counts else 0
         model_row = tokens > 0
         st = {k: f"{C.median(v):,.0f}" for k, v in stages[c.name].items()} if model_row else {}
         parts = [st.get(k, "-") for k in ("decode_video", "enc", "prefill", "verdict", "generate")]
-        rows.append(f"| {c.name} | {f'{tokens:,.0f}' if model_row else '-'} "
+        calls = counts[c.name].lm_calls if model_row else "-"
+        rows.append(f"| {c.name} | {calls} | {f'{tokens:,.0f}' if model_row else '-'} "
                     f"| {kept.get(c.name, '-')} | {per * 1e3:,.0f} | {1 / per:.2f} "
                     f"| {f'{base / per:.2f}' if model_row else '-'} | {' | '.join(parts)} |")
     return "\n".join(rows) + "\n"
@@ -180,6 +186,7 @@ def header(args, model, seconds: float) -> str:
         f"{args.new_tokens} generated tokens where generating (forced), median of "
         f"{args.repeats} interleaved repeats after one warm-up; run took {seconds:.0f} s. "
         "`x generate()`: plain generate() time / row time (higher is faster). "
+        "`LM forwards`: language-model forward calls per row's run (all its videos). "
         "`LM tokens`: language-model token positions run (padding included). "
         "Stage columns, ms per video (medians): `prep` = processor + rope index "
         "(timing_ms.decode_video; videos are pre-decoded), `enc` = visual encoder (hook), "

@@ -15,6 +15,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -36,9 +37,9 @@ def chunk_key(model_id: str, prefix_ids: list[int], chunk_ids: list[int] | None)
     """Cache key of the prefix itself (chunk_ids None) or of one chunk after that prefix."""
     h = hashlib.sha256()
     h.update(model_id.encode())
-    h.update(b"\0prefix\0" + torch.tensor(prefix_ids, dtype=torch.int64).numpy().tobytes())
+    h.update(b"\0prefix\0" + np.asarray(prefix_ids, dtype=np.int64).tobytes())
     if chunk_ids is not None:
-        h.update(b"\0chunk\0" + torch.tensor(chunk_ids, dtype=torch.int64).numpy().tobytes())
+        h.update(b"\0chunk\0" + np.asarray(chunk_ids, dtype=np.int64).tobytes())
     return h.hexdigest()
 
 

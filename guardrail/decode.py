@@ -1,19 +1,20 @@
-"""Text after the verdict: greedy decoding over the prefilled KV cache, held to the output
-skeleton so the answer always parses (SPEC §4.4 `explain`).
+"""Text after the verdict: greedy decoding over the prefilled KV caches of a batch, every row
+held to the output skeleton so the answer always parses (SPEC §4.4 `explain`).
 
     DESCRIPTION: <generated, one line>
     GUARDRAIL: <the fast verdict, forced>
     EXPLANATION: <generated, one line>
+
+All rows decode together, one forward per step: a row that generates feeds one token, a row
+that reaches the end of its description feeds its forced verdict block in the same step, a row
+that is done feeds nothing and waits. Each row's text is what decoding it alone gives.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
-import torch
-
-from guardrail.adapters.base import ModelAdapter
+from guardrail.runner import Batch
 from guardrail.verdict import guardrail_json
 
 
@@ -25,47 +26,71 @@ class Explanation:
     new_tokens: int            # tokens generated (forced skeleton tokens not counted)
 
 
-class Decoder:
-    """Greedy decoding that continues a cache whose every entry the answer may see."""
-
-    def __init__(self, adapter: ModelAdapter, cache: Any, next_position: int, stop_ids: set[int]):
-        self.adapter = adapter
-        self.cache = cache
-        self.position = next_position
-        self.stop_ids = stop_ids
-
-    def feed(self, ids: list[int]) -> torch.Tensor:
-        """Append `ids` to the cache; return the next-token logits [V]."""
-        n, past = len(ids), self.cache.get_seq_length()
-        pos = torch.arange(self.position, self.position + n).expand(self.adapter.rows, 1, n)
-        visible = torch.ones(n, past + n, dtype=torch.bool).tril(past)   # [n, past + n]
-        embeds = self.adapter.embed(torch.tensor(ids))[None]
-        hidden = self.adapter.forward(embeds, pos, visible[None], self.cache)
-        self.position += n
-        return self.adapter.logits(hidden[0, -1])
-
-    def line(self, logits: torch.Tensor, budget: int) -> tuple[str, int]:
-        """Greedy tokens until one holding a newline, a stop token, or `budget` tokens. Every
-        accepted token is in the cache; the ending token is not. Returns (text, tokens)."""
-        out: list[int] = []
-        for _ in range(budget):
-            tok = int(logits.argmax())
-            if tok in self.stop_ids or "\n" in self.adapter.tokenizer.decode([tok]):
-                break
-            out.append(tok)
-            logits = self.feed([tok])
-        return self.adapter.tokenizer.decode(out, skip_special_tokens=True).strip(), len(out)
+@dataclass
+class _Row:
+    forced: list[int]          # the verdict block fed after the description
+    budget: int                # tokens this line may still take
+    phase: int = 0             # 0 description, 1 explanation, 2 done
+    out: list[int] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    used: int = 0
 
 
-def explain(decoder: Decoder, keys: list[str], flags: list[bool], max_new_tokens: int
-            ) -> Explanation:
-    """Generate the description and the explanation around the forced verdict line."""
-    enc = decoder.adapter.encode_text
-    budget_desc = max(1, max_new_tokens // 3)
-    logits = decoder.feed(enc("DESCRIPTION:"))
-    description, used = decoder.line(logits, budget_desc)
-    verdict = guardrail_json(keys, flags)
-    logits = decoder.feed(enc(f"\nGUARDRAIL: {verdict}\nEXPLANATION:"))
-    explanation, used2 = decoder.line(logits, max_new_tokens - used)
-    text = f"DESCRIPTION: {description}\nGUARDRAIL: {verdict}\nEXPLANATION: {explanation}"
-    return Explanation(description, explanation, text, used + used2)
+def opener(encode) -> list[int]:
+    return encode("DESCRIPTION:")
+
+
+def forced_block(encode, keys: list[str], flags: list[bool]) -> list[int]:
+    return encode(f"\nGUARDRAIL: {guardrail_json(keys, flags)}\nEXPLANATION:")
+
+
+def room(encode, keys: list[str], max_new_tokens: int) -> int:
+    """Answer tokens a row can take: the opener, the longest forced block, the generated
+    tokens and the one token that ends each line."""
+    longest = max(len(forced_block(encode, keys, [f] * len(keys))) for f in (True, False))
+    return len(opener(encode)) + longest + max_new_tokens + 2
+
+
+def explain_batch(batch: Batch, next_positions: list[int], keys: list[str],
+                  flags: list[list[bool]], max_new_tokens: int, stop_ids: set[int]
+                  ) -> list[Explanation]:
+    """Decode every row of `batch` (its cache: each window's prompt without the probes, answer
+    positions from `next_positions[b]`) around its own forced verdict `flags[b]`."""
+    adapter = batch.adapter
+    enc, tok = adapter.encode_text, adapter.tokenizer
+    rows = [_Row(forced_block(enc, keys, f), max(1, max_new_tokens // 3)) for f in flags]
+    batch.answer(next_positions)
+    hidden = batch.extend([opener(enc)] * len(rows))                      # [B, D]
+    ends_line: dict[int, bool] = {}
+
+    def ending(t: int) -> bool:
+        if t not in ends_line:
+            ends_line[t] = t in stop_ids or "\n" in tok.decode([t])
+        return ends_line[t]
+
+    while True:
+        best = adapter.logits(hidden).argmax(dim=-1).tolist()            # one sync per step
+        feed: list[list[int]] = [[] for _ in rows]
+        for b, row in enumerate(rows):
+            if row.phase == 2:
+                continue
+            if len(row.out) < row.budget and not ending(best[b]):
+                row.out.append(best[b])
+                feed[b] = [best[b]]
+                continue
+            row.lines.append(tok.decode(row.out, skip_special_tokens=True).strip())
+            row.used += len(row.out)
+            if row.phase == 0:
+                feed[b] = row.forced
+                row.budget, row.out = max_new_tokens - row.used, []
+            row.phase += 1
+        if not any(feed):
+            break
+        hidden = batch.extend(feed)
+    out = []
+    for row, f in zip(rows, flags, strict=True):
+        description, explanation = row.lines
+        text = (f"DESCRIPTION: {description}\nGUARDRAIL: {guardrail_json(keys, f)}\n"
+                f"EXPLANATION: {explanation}")
+        out.append(Explanation(description, explanation, text, row.used))
+    return out

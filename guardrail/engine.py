@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -25,15 +26,24 @@ from guardrail.adapters import ModelAdapter, VideoInputs, create_adapter
 from guardrail.adapters.registry import resolve_placement
 from guardrail.calibration import Calibration, resolve
 from guardrail.chunk_cache import ChunkCache
-from guardrail.decode import Decoder, Explanation, explain
+from guardrail.decode import Explanation, explain_batch, room
 from guardrail.errors import UsageError
-from guardrail.layout import LAYOUTS, Layout, Segment, build_groups, concat, plan, text_segment
+from guardrail.layout import (
+    HOST,
+    LAYOUTS,
+    Layout,
+    Segment,
+    build_groups,
+    concat,
+    plan,
+    text_segment,
+)
 from guardrail.policy import PolicySet, load_policy
 from guardrail.prefill import prefill, prefix_kv
 from guardrail.probes import answer_tokens, probe_scores
 from guardrail.prompt import STYLES, VIDEO_SLOT, build_prompt, prompt_segments
 from guardrail.pruning import PruningConfig
-from guardrail.runner import Batch, Item, batch_from_prefix
+from guardrail.runner import Batch, Item, batch_from_prefix, batch_from_rows
 from guardrail.verdict import Verdict, WindowResult, build_verdict
 from guardrail.video import SamplingConfig, Video, VideoLimits, VideoSource, load_video
 
@@ -105,6 +115,7 @@ class GuardEngine:
         self.prompt = build_prompt(policies, style=config.prompt_style)
         self.tokens = self._tokenize()
         self.answer = answer_tokens(adapter.encode_text)
+        self._answer_rows = torch.tensor(self.answer.ids, dtype=torch.long, device=adapter.device)
         self.thresholds = [policies.threshold_of(c) for c in policies.categories]
 
     @classmethod
@@ -153,60 +164,82 @@ class GuardEngine:
             decode_ms.append((time.perf_counter() - t) * 1e3)
         windows = [(i, clip) for i, video in enumerate(decoded) for clip in video.clips]
         results: list[list[WindowResult]] = [[] for _ in decoded]
-        best: dict[int, tuple[float, object, Layout]] = {}   # video -> its top window's cache
+        best: dict[int, tuple[float, tuple]] = {}     # video -> its top window (score, row)
         size = self.config.batch_size
-        for start in range(0, len(windows), size):
-            part = windows[start: start + size]
-            res, batch = self.judge([clip for _, clip in part])
+        parts = [windows[s: s + size] for s in range(0, len(windows), size)]
+        for part, (res, batch) in zip(parts, self._run_all([[c for _, c in p] for p in parts]),
+                                      strict=True):
             for row, ((i, _), r) in enumerate(zip(part, res, strict=True)):
                 results[i].append(r)
                 top = float(r.scores.max())
                 if self.config.mode != "fast" and (i not in best or top > best[i][0]):
-                    best[i] = (top, batch.row(row)[0], batch.items[row].layout)
-        verdicts = []
-        for i, video in enumerate(decoded):
-            scores = torch.stack([r.scores for r in results[i]]).amax(dim=0)          # [m]
-            flags = [float(s) >= t for s, t in zip(scores, self.thresholds, strict=True)]
-            text, gen_ms = None, 0.0
-            if self.config.mode == "explain" or (self.config.mode == "explain_flagged"
-                                                  and any(flags)):
-                t = time.perf_counter()
-                _, cache, lay = best[i]
-                text = self._explain(cache, lay, flags)
-                gen_ms = (time.perf_counter() - t) * 1e3
-            total = (time.perf_counter() - t0) * 1e3 / len(decoded)
-            verdicts.append(build_verdict(
-                self.policies, self.thresholds, video, results[i], scores, flags, text,
-                model=self.adapter.name, layout=self.config.layout, mode=self.config.mode,
-                keep_ratio=self.config.keep_ratio, decode_ms=decode_ms[i], generate_ms=gen_ms,
-                total_ms=total))
-        return verdicts
+                    best[i] = (top, (batch.items[row], *batch.row(row)))
+        scores = [torch.stack([r.scores for r in rs]).amax(dim=0) for rs in results]   # [m]
+        flags = [[float(x) >= t for x, t in zip(s, self.thresholds, strict=True)]
+                 for s in scores]
+        need = [i for i in range(len(decoded)) if self.config.mode == "explain"
+                or (self.config.mode == "explain_flagged" and any(flags[i]))]
+        texts, gen_ms = self._explain([best[i][1] for i in need], [flags[i] for i in need])
+        text_of = dict(zip(need, texts, strict=True))
+        gen_of = dict(zip(need, gen_ms, strict=True))
+        total = (time.perf_counter() - t0) * 1e3 / len(decoded)
+        return [build_verdict(
+                    self.policies, self.thresholds, video, results[i], scores[i], flags[i],
+                    text_of.get(i), model=self.adapter.name, layout=self.config.layout,
+                    mode=self.config.mode, keep_ratio=self.config.keep_ratio,
+                    decode_ms=decode_ms[i], generate_ms=gen_of.get(i, 0.0), total_ms=total)
+                for i, video in enumerate(decoded)]
 
     # ------------------------------------------------------------------ one batch of windows
 
     def judge(self, clips: list) -> tuple[list[WindowResult], Batch]:
         """Score every category on each window. Returns per-window results and the batch (its
         cache holds each window's prompt without the probes, for explain mode)."""
+        return self._run(self._prepare(clips))
+
+    def _run_all(self, batches: list[list]) -> Iterator[tuple[list[WindowResult], Batch]]:
+        """`judge` each batch of clips in turn; the host work of the next batch (processor,
+        rope index, layout) runs in a thread while the current one is on the device."""
+        if len(batches) < 2:
+            yield from (self.judge(clips) for clips in batches)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="guardrail-prepare") as pool:
+            pending = pool.submit(self._prepare, batches[0])
+            for k in range(len(batches)):
+                prepared = pending.result()
+                if k + 1 < len(batches):
+                    pending = pool.submit(self._prepare, batches[k + 1])
+                yield self._run(prepared)
+
+    def _prepare(self, clips: list) -> tuple[list[VideoInputs], list[tuple], float]:
+        """Host work of one batch: the processor, the rope index and the layouts. No model
+        forward; safe to run beside one."""
         t0 = time.perf_counter()
         inputs = [self.adapter.video_inputs(c) for c in clips]
+        return inputs, [self.layout(v) for v in inputs], (time.perf_counter() - t0) * 1e3
+
+    def _run(self, prepared: tuple[list[VideoInputs], list[tuple], float]
+             ) -> tuple[list[WindowResult], Batch]:
+        inputs, layouts, prep_ms = prepared
         t1 = self._clock()
-        items = [Item(*self.layout(video), feats) for video, feats in
-                 zip(inputs, self.adapter.visual_features_many(inputs), strict=True)]
+        items = [Item(lay, visual, feats) for (lay, visual), feats in
+                 zip(layouts, self.adapter.visual_features_many(inputs), strict=True)]
         batch, start = self._start(items)
-        kept = prefill(self, batch, start)
+        kept = prefill(batch, start, self.config.pruning)
         t2 = self._clock()
         first = items[0].probe_start
         n_before = batch.slots.shape[1]
-        hidden, _ = batch.step([torch.arange(it.probe_start, it.layout.length) for it in items])
+        hidden, _ = batch.step([torch.arange(it.probe_start, it.layout.length, device=HOST)
+                                for it in items])
         last = torch.tensor([items[0].layout.span(f"R{i}").stop - 1 - first
-                             for i in range(len(self.tokens.probes))])
-        logits = self.adapter.logits(hidden[:, last])                        # [B, m, V]
-        scores = [self._calibrated(probe_scores(row, self.answer).cpu()) for row in logits]
+                             for i in range(len(self.tokens.probes))], device=self.adapter.device)
+        pair = self.adapter.answer_logits(hidden[:, last], self._answer_rows)   # [B, m, 2] fp32
+        scores = [self._calibrated(s) for s in probe_scores(pair).cpu()]        # one copy
         batch.truncate(n_before)
         t3 = self._clock()
-        share = 1.0 / len(clips)
+        share = 1.0 / len(inputs)
         results = [WindowResult(s, int(it.visual.sum()), k, (t2 - t1) * 1e3 * share,
-                                (t3 - t2) * 1e3 * share, (t1 - t0) * 1e3 * share)
+                                (t3 - t2) * 1e3 * share, prep_ms * share)
                    for s, it, k in zip(scores, items, kept, strict=True)]
         return results, batch
 
@@ -229,7 +262,8 @@ class GuardEngine:
         if not self.config.cached_chunks:
             return Batch(self.adapter, items), 0
         length = items[0].layout.span("V").start
-        return batch_from_prefix(self.adapter, items, prefix_kv(self, items[0]), length), length
+        prefix = prefix_kv(self.adapter, self.chunks, items[0])
+        return batch_from_prefix(self.adapter, items, prefix, length), length
 
     def layout(self, video: VideoInputs) -> tuple[Layout, torch.Tensor]:
         """Plan the prompt for one window. Returns the layout and its visual-token mask [T]."""
@@ -248,17 +282,29 @@ class GuardEngine:
             ordered.append((kind, seg))
         probes = [text_segment(f"R{i}", ids, rows) for i, ids in enumerate(self.tokens.probes)]
         lay = plan(build_groups(self.config.layout, ordered, probes))
-        visual = torch.zeros(lay.length, dtype=torch.bool)                   # [T]
+        visual = torch.zeros(lay.length, dtype=torch.bool, device=HOST)      # [T]
         start = lay.span("V").start + offset
         visual[start: start + video.ids.numel()] = video.visual
         return lay, visual
 
-    def _explain(self, cache, lay: Layout, flags: list[bool]) -> Explanation:
-        """Decode the answer text over one window's prompt cache (probes already removed)."""
-        q = lay.span("Q")
-        next_pos = int(lay.positions[0, q.stop - 1]) + 1
-        decoder = Decoder(self.adapter, cache, next_pos, self._stop_ids())
-        return explain(decoder, self.tokens.keys, flags, self.config.max_new_tokens)
+    def _explain(self, rows: list[tuple], flags: list[list[bool]]
+                 ) -> tuple[list[Explanation], list[float]]:
+        """Decode the answer text of several windows together, `batch_size` rows at a time.
+        rows: (item, cache, slots) of each window's prompt cache (probes removed). Returns the
+        explanations and each one's share of the decoding time in ms."""
+        texts, times = [], []
+        size, keys = self.config.batch_size, self.tokens.keys
+        for start in range(0, len(rows), size):
+            part, part_flags = rows[start: start + size], flags[start: start + size]
+            t = time.perf_counter()
+            batch = batch_from_rows(self.adapter, part, room(
+                self.adapter.encode_text, keys, self.config.max_new_tokens))
+            next_pos = [int(item.layout.positions[0, item.layout.span("Q").stop - 1]) + 1
+                        for item, _, _ in part]
+            texts += explain_batch(batch, next_pos, keys, part_flags,
+                                   self.config.max_new_tokens, self._stop_ids())
+            times += [(time.perf_counter() - t) * 1e3 / len(part)] * len(part)
+        return texts, times
 
     def _stop_ids(self) -> set[int]:
         tok = self.adapter.tokenizer

@@ -24,6 +24,7 @@ import torch
 from guardrail.errors import UsageError
 
 LAYOUTS = ("sequential", "parallel", "parallel_cached")
+HOST = torch.device("cpu")   # layouts are planned on the host; the runner moves them once
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,8 @@ class Segment:
 
 
 def text_segment(name: str, ids: list[int] | torch.Tensor, rows: int) -> Segment:
-    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-    rel = torch.arange(ids.numel(), dtype=torch.long).expand(rows, -1).clone()
+    ids = torch.as_tensor(ids, dtype=torch.long, device=HOST).reshape(-1)
+    rel = torch.arange(ids.numel(), dtype=torch.long, device=HOST).expand(rows, -1).clone()
     return Segment(name, ids, rel, int(ids.numel()))
 
 
@@ -62,6 +63,7 @@ class Layout:
     positions: torch.Tensor    # [rows, T] int64 absolute position ids
     group_of: torch.Tensor     # [T] int64 group index of each token
     segment_of: torch.Tensor   # [T] int64 segment index of each token
+    solo: torch.Tensor         # [T] bool: the token's group has one segment (nothing parallel)
     starts: tuple[int, ...]    # token offset of each segment
     groups: tuple[tuple[int, ...], ...]  # segment indices per group
     next_position: int         # first position after the last group
@@ -102,8 +104,9 @@ def plan(groups: list[list[Segment]], start: int = 0) -> Layout:
             members.append(len(segments))
             starts.append(offset)
             positions.append(seg.rel_pos + pos)
-            group_of.append(torch.full((seg.length,), g, dtype=torch.long))
-            segment_of.append(torch.full((seg.length,), len(segments), dtype=torch.long))
+            group_of.append(torch.full((seg.length,), g, dtype=torch.long, device=HOST))
+            segment_of.append(torch.full((seg.length,), len(segments), dtype=torch.long,
+                                         device=HOST))
             segments.append(seg)
             offset += seg.length
         group_idx.append(tuple(members))
@@ -113,6 +116,8 @@ def plan(groups: list[list[Segment]], start: int = 0) -> Layout:
         positions=torch.cat(positions, dim=1),
         group_of=torch.cat(group_of),
         segment_of=torch.cat(segment_of),
+        solo=torch.cat([torch.full((sum(segments[i].length for i in members),), len(members) == 1,
+                                   dtype=torch.bool, device=HOST) for members in group_idx]),
         starts=tuple(starts),
         groups=tuple(group_idx),
         next_position=pos,
@@ -137,29 +142,94 @@ def build_groups(layout: str, ordered: list[tuple[str, Segment]], probes: list[S
     return [*groups, list(probes)]
 
 
-def visibility(layout: Layout, q_index: torch.Tensor, k_index: torch.Tensor) -> torch.Tensor:
-    """Which keys each query may attend to. `q_index` [Q] and `k_index` [K] are token indices
-    into `layout` (the keys are whatever the KV cache holds plus the new tokens, in cache order,
-    so evicted tokens simply do not appear); -1 marks padding, which sees and is seen by
-    nothing. Returns [Q, K] bool.
+@dataclass(frozen=True)
+class Visibility:
+    """Who sees whom in one forward pass, as per-token vectors (on the model's device when the
+    runner builds them): each query's and each key's group, segment and layout index, queries
+    [B, Q], keys [B, K] in cache order (cached entries, then the new tokens; index -1 marks
+    padding). B may be 1 where every row sees alike (the mask broadcasts).
 
     Rule: key k is visible to query q when k's group comes before q's group, or k is in q's own
-    segment at or before q."""
+    segment at or before q; padding sees and is seen by nothing. `causal` says the step is
+    exactly causal over the cache (no padding, every query in a group of one segment), so a
+    backend may use its own causal path and no mask at all."""
+
+    q_group: torch.Tensor
+    q_segment: torch.Tensor
+    q_index: torch.Tensor
+    k_group: torch.Tensor
+    k_segment: torch.Tensor
+    k_index: torch.Tensor
+    causal: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.q_index.shape[0], self.q_index.shape[1], self.k_index.shape[1]
+
+    def visible(self, qg, qs, qi, kg, ks, ki) -> torch.Tensor:
+        """The rule on broadcastable pieces (used for dense masks and FlexAttention alike)."""
+        return (((kg < qg) | ((ks == qs) & (ki <= qi))) & (qi >= 0)) & (ki >= 0)
+
+    def dense(self) -> torch.Tensor:
+        """[B, Q, K] bool, on the vectors' device."""
+        return self.visible(self.q_group[:, :, None], self.q_segment[:, :, None],
+                            self.q_index[:, :, None], self.k_group[:, None, :],
+                            self.k_segment[:, None, :], self.k_index[:, None, :])
+
+    def mask_mod(self):
+        """A FlexAttention mask_mod over the same vectors (rows must not broadcast). The three
+        vectors are packed into one int64 code per token (group, segment, index in 21 bits
+        each; -1 for padding): two captured tensors instead of six, which torch's CPU flex
+        kernel needs (with six, inductor's C++ code for it does not compile, torch 2.14)."""
+        q, k = self._packed(self.q_group, self.q_segment, self.q_index), self._packed(
+            self.k_group, self.k_segment, self.k_index)
+
+        def mod(b, h, qi, ki):
+            qc, kc = q[b, qi], k[b, ki]
+            earlier = (kc >> 42) < (qc >> 42)
+            own = ((kc >> 21) == (qc >> 21)) & (kc <= qc)
+            return (earlier | own) & (qc >= 0) & (kc >= 0)
+        return mod
+
+    @staticmethod
+    def _packed(group: torch.Tensor, segment: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        code = (group << 42) | (segment << 21) | index.clamp(min=0)
+        return torch.where(index >= 0, code, -1)
+
+    def expand(self, batch: int) -> Visibility:
+        """Broadcast rows made explicit ([1, ...] -> [batch, ...])."""
+        if self.q_index.shape[0] == batch:
+            return self
+        e = [t.expand(batch, -1) for t in (self.q_group, self.q_segment, self.q_index,
+                                            self.k_group, self.k_segment, self.k_index)]
+        return Visibility(*e, causal=self.causal)
+
+    @staticmethod
+    def causal_step(new: int, past: int, device: torch.device | str) -> Visibility:
+        """`new` tokens of one causal segment after `past` cached ones (batch 1)."""
+        keys = torch.arange(past + new, device=device)[None]
+        zeros = torch.zeros_like(keys)
+        return Visibility(zeros[:, past:], zeros[:, past:], keys[:, past:], zeros, zeros, keys,
+                          causal=True)
+
+
+def visibility(layout: Layout, q_index: torch.Tensor, k_index: torch.Tensor) -> torch.Tensor:
+    """Which keys each query may attend to (the rule of `Visibility`), for one row on the
+    layout's device. `q_index` [Q] and `k_index` [K] are token indices into `layout`, -1 for
+    padding. Returns [Q, K] bool."""
     q, k = q_index.clamp(min=0), k_index.clamp(min=0)
-    gq, gk = layout.group_of[q], layout.group_of[k]
-    sq, sk = layout.segment_of[q], layout.segment_of[k]
-    earlier_group = gk[None, :] < gq[:, None]
-    same_segment_causal = (sk[None, :] == sq[:, None]) & (k[None, :] <= q[:, None])
-    real = (q_index >= 0)[:, None] & (k_index >= 0)[None, :]
-    return (earlier_group | same_segment_causal) & real
+    return Visibility(layout.group_of[q][None], layout.segment_of[q][None], q_index[None],
+                      layout.group_of[k][None], layout.segment_of[k][None],
+                      k_index[None]).dense()[0]
 
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[Q, K] or [B, Q, K] bool -> [B or 1, 1, Q, K] additive float mask (0 allowed, finfo.min
-    blocked). NOTE: never a bool mask: under eager attention transformers runs it and gives wrong
-    logits. finfo.min rather than -inf keeps fully masked (padding) rows finite."""
-    mask = torch.zeros(visible.shape, dtype=dtype)
-    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    blocked), on `visible`'s device. NOTE: never a bool mask: under eager attention transformers
+    runs it and gives wrong logits. finfo.min rather than -inf keeps fully masked (padding) rows
+    finite."""
+    zero = torch.zeros((), dtype=dtype, device=visible.device)
+    mask = torch.where(visible, zero, torch.finfo(dtype).min)
     while mask.dim() < 4:
         mask = mask.unsqueeze(-3)
     return mask

@@ -6,9 +6,12 @@ from __future__ import annotations
 import torch
 
 from guardrail.adapters.attention import attention_rows
-from guardrail.chunk_cache import ChunkKV, chunk_key
+from guardrail.adapters.base import ModelAdapter
+from guardrail.chunk_cache import ChunkCache, ChunkKV, chunk_key
 from guardrail.kvcache import Tensors, layers
+from guardrail.layout import HOST, Layout
 from guardrail.pruning import (
+    PruningConfig,
     attention_from_rows,
     attention_to_columns,
     embedding_similarity,
@@ -17,20 +20,20 @@ from guardrail.pruning import (
 from guardrail.runner import Batch, Item, batch_from_prefix
 
 
-def prefix_kv(engine, item: Item) -> Tensors:
-    """KV of S + every policy chunk for `item`'s layout, from the engine's chunk cache, computing
+def prefix_kv(adapter: ModelAdapter, store: ChunkCache, item: Item) -> Tensors:
+    """KV of S + every policy chunk for `item`'s layout, from the chunk cache `store`, computing
     what is missing. S and each chunk are entries of their own: a chunk's KV depends only on the
     model, S and the chunk (PEPE), so one policy set's edit recomputes only the edited chunk."""
-    adapter, lay, store = engine.adapter, item.layout, engine.chunks
+    lay = item.layout
     model_id = f"{adapter.name}|{adapter.dtype}|{adapter.device}|{id(adapter.model)}"
     s_span = lay.span("S")
     s_ids = lay.ids[s_span].tolist()
-    spans = [lay.span(f"P{i}") for i in range(len(engine.tokens.probes))]
+    spans = _chunk_spans(lay)
     s_key = chunk_key(model_id, s_ids, None)
     s_kv = store.get(s_key)
     if s_kv is None:
         b = Batch(adapter, [item])
-        b.step([torch.arange(s_span.start, s_span.stop)])
+        b.step([torch.arange(s_span.start, s_span.stop, device=HOST)])
         s_kv = _entry(layers(b.cache), slice(None))
         store.put(s_key, s_kv)
     keys = [chunk_key(model_id, s_ids, lay.ids[sp].tolist()) for sp in spans]
@@ -38,7 +41,8 @@ def prefix_kv(engine, item: Item) -> Tensors:
     missing = [i for i, e in enumerate(entries) if e is None]
     if missing:
         b = batch_from_prefix(adapter, [item], _tensors(s_kv), s_span.stop)
-        b.step([torch.cat([torch.arange(spans[i].start, spans[i].stop) for i in missing])])
+        b.step([torch.cat([torch.arange(spans[i].start, spans[i].stop, device=HOST)
+                           for i in missing])])
         offset = s_span.stop
         for i in missing:
             n = spans[i].stop - spans[i].start
@@ -59,26 +63,29 @@ def _tensors(entry: ChunkKV) -> Tensors:
     return list(zip(entry.keys, entry.values, strict=True))
 
 
-def prefill(engine, batch: Batch, start: int) -> list[int]:
+def _chunk_spans(lay: Layout) -> list[slice]:
+    return [lay.span(s.name) for s in lay.segments if s.name.startswith("P")]
+
+
+def prefill(batch: Batch, start: int, cfg: PruningConfig) -> list[int]:
     """Run every row's prompt from layout index `start` up to its probes, pruning video tokens
-    when the engine's keep ratio is below 1. Returns the video tokens kept per row."""
-    cfg, items = engine.config.pruning, batch.items
-    todo = [torch.arange(start, it.probe_start) for it in items]
+    when `cfg`'s keep ratio is below 1. Returns the video tokens kept per row."""
+    items, adapter = batch.items, batch.adapter
+    todo = [torch.arange(start, it.probe_start, device=HOST) for it in items]
     totals = [int(it.visual.sum()) for it in items]
     if not cfg.active:
         batch.step(todo)
         return totals
     if cfg.mode == "pre_prefill":
-        dropped = [_dropped(it, _similarity(engine, it), cfg.keep_ratio) for it in items]
+        dropped = [_dropped(it, _similarity(adapter, it), cfg.keep_ratio) for it in items]
         batch.step([t[~torch.isin(t, d)] for t, d in zip(todo, dropped, strict=True)])
         return [n - int(d.numel()) for n, d in zip(totals, dropped, strict=True)]
     relevance: list[torch.Tensor | None] = [None] * len(items)
-    n_before = batch.slots.shape[1]
 
     def capture(query, key, mask, scaling, keys):                      # keys [B, K] slots
         for b, it in enumerate(items):
-            relevance[b] = _attention_relevance(engine, it, query[b], key[b], mask[b],
-                                                scaling, todo[b], keys[b], n_before)
+            relevance[b] = _attention_relevance(it, query[b], key[b], mask[b], scaling,
+                                                todo[b], keys[b])
 
     batch.step(todo, capture=(cfg.layer, capture))
     dropped = [_dropped(it, rel, cfg.keep_ratio) for it, rel in zip(items, relevance, strict=True)]
@@ -90,32 +97,30 @@ def prefill(engine, batch: Batch, start: int) -> list[int]:
 def _dropped(item: Item, relevance: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     """Layout indices of the video tokens pruned away."""
     video = item.visual.nonzero().flatten()                            # [N]
-    keep = torch.zeros(video.numel(), dtype=torch.bool)
+    keep = torch.zeros(video.numel(), dtype=torch.bool, device=HOST)
     keep[select_tokens(relevance, keep_ratio)] = True
     return video[~keep]
 
 
-def _similarity(engine, item: Item) -> torch.Tensor:
-    spans = [item.layout.span(f"P{i}") for i in range(len(engine.tokens.probes))]
-    policies = [engine.adapter.embed(item.layout.ids[sp]) for sp in spans]
+def _similarity(adapter: ModelAdapter, item: Item) -> torch.Tensor:
+    policies = [adapter.embed(item.layout.ids[sp]) for sp in _chunk_spans(item.layout)]
     return embedding_similarity(item.feats.embeds, policies).cpu()     # [m, N]
 
 
-def _attention_relevance(engine, item: Item, query, key, mask, scaling, new: torch.Tensor,
-                         keys: torch.Tensor, n_before: int) -> torch.Tensor:
+def _attention_relevance(item: Item, query, key, mask, scaling, new: torch.Tensor,
+                         keys: torch.Tensor) -> torch.Tensor:
     """[m, N] relevance of each video token to each policy from one layer's attention (see
     guardrail.pruning for the two directions)."""
     lay = item.layout
     q_pos = _positions(new, lay.length)                               # layout idx -> query row
     k_pos = _positions(keys, lay.length)                              # layout idx -> key column
     video = item.visual.nonzero().flatten()
-    chunks = [torch.arange(lay.span(f"P{i}").start, lay.span(f"P{i}").stop)
-              for i in range(len(engine.tokens.probes))]
+    chunks = [torch.arange(sp.start, sp.stop, device=HOST) for sp in _chunk_spans(lay)]
     dev = query.device
     if lay.span("V").start < lay.span("P0").start:                     # policies see the video
         rows = torch.cat([q_pos[c] for c in chunks])
         w = attention_rows(query, key, mask, scaling, rows)            # [H, r, K] on device
-        bounds = torch.tensor([0] + [c.numel() for c in chunks]).cumsum(0)
+        bounds = torch.tensor([0] + [c.numel() for c in chunks], device=HOST).cumsum(0)
         groups = [torch.arange(bounds[i], bounds[i + 1], device=dev) for i in range(len(chunks))]
         rel = attention_to_columns(w, groups, k_pos[video].to(dev))
     else:
@@ -128,7 +133,7 @@ def _attention_relevance(engine, item: Item, query, key, mask, scaling, new: tor
 
 def _positions(indices: torch.Tensor, length: int) -> torch.Tensor:
     """Inverse of an index list: for each layout token, its position in `indices` (-1 if absent)."""
-    pos = torch.full((length,), -1, dtype=torch.long)
+    pos = torch.full((length,), -1, dtype=torch.long, device=HOST)
     real = indices >= 0
     pos[indices[real]] = real.nonzero().flatten()
     return pos

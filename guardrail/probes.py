@@ -15,6 +15,11 @@ class AnswerTokens:
     true_id: int
     false_id: int
 
+    @property
+    def ids(self) -> list[int]:
+        """The two vocabulary rows a probe reads, in the order `probe_scores` expects."""
+        return [self.true_id, self.false_id]
+
 
 def answer_tokens(encode) -> AnswerTokens:
     """The ids of ` true` / ` false` as the first token after `":`. The two must differ in
@@ -29,7 +34,7 @@ def answer_tokens(encode) -> AnswerTokens:
     return AnswerTokens(true_id, false_id)
 
 
-def probe_scores(logits: torch.Tensor, answer: AnswerTokens) -> torch.Tensor:
-    """logits [m, V] at each probe's last token -> scores [m] in [0, 1] (fp32)."""
-    pair = logits[:, [answer.true_id, answer.false_id]].float()
-    return torch.softmax(pair, dim=-1)[:, 0]
+def probe_scores(pair: torch.Tensor) -> torch.Tensor:
+    """[..., 2] logits of (` true`, ` false`) at each probe's last token (`AnswerTokens.ids`
+    rows of the head, see `ModelAdapter.answer_logits`) -> scores [...] in [0, 1] (fp32)."""
+    return torch.softmax(pair.float(), dim=-1)[..., 0]

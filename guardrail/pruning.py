@@ -63,11 +63,11 @@ def select_tokens(relevance: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     m, n = relevance.shape
     k = keep_count(n, keep_ratio)
     if k >= n:
-        return torch.arange(n)
+        return torch.arange(n, device=relevance.device)
     rel = relevance.float()
     order = torch.sort(rel, dim=1, descending=True, stable=True).indices      # [m, N]
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(n).expand(m, -1))                   # rank[i, j]
+    rank.scatter_(1, order, torch.arange(n, device=order.device).expand(m, -1))   # rank[i, j]
     best_rank = rank.min(dim=0).values                                       # [N]
     top = rel.max(dim=0).values                                              # [N]
     by_score = torch.sort(top, descending=True, stable=True).indices

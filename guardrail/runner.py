@@ -1,10 +1,15 @@
 """Forward passes over a batch of planned windows, one KV cache for all of them.
 
 Each batch row is one window with its own `Layout`. The cache holds, per row, a list of *slots*:
-the layout token index each cache entry belongs to, or -1 for padding. New tokens are appended
-with `step`, dropped with `keep`; the attention mask of every step is rebuilt from the layouts
-and the slots (`layout.visibility`), so padding, ragged rows, evicted tokens and cached chunks
-all come down to which indices sit where.
+the token index each cache entry belongs to, or -1 for padding. New tokens are appended with
+`step` (layout tokens) or `extend` (answer tokens after the prompt), dropped with `keep`.
+
+Everything a step needs lives on the model's device from the start: per-token tables
+(ids, positions, group, segment, visual feature row) for every row, and the slots. A step sends
+the host's plan, the token indices [B, n], in one copy; ids, positions, embeddings and the
+attention visibility (`layout.Visibility`, per-token vectors from which the backend builds its
+mask) are gathered there. Whether a step is plainly causal comes from the layouts, not from
+comparing a mask.
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ from typing import Any
 import torch
 
 from guardrail.adapters.base import ModelAdapter, VisualFeatures
-from guardrail.kvcache import filled, gather, layers, repeat, truncate
-from guardrail.layout import Layout, additive_mask, visibility
+from guardrail.kvcache import Tensors, filled, gather, layers, repeat, truncate
+from guardrail.layout import HOST, Layout, Visibility, additive_mask
 
 
 @dataclass(frozen=True)
@@ -36,99 +41,203 @@ class Item:
         return self.layout.group_span(len(self.layout.groups) - 1).start
 
 
-def _same_row(first: Item, item: Item, idx: torch.Tensor, keys: torch.Tensor, b: int) -> bool:
-    """Row b's visibility equals row 0's: same tokens at the same slots, same segments."""
-    return (torch.equal(idx[b], idx[0]) and torch.equal(keys[b], keys[0])
-            and torch.equal(item.layout.group_of, first.layout.group_of)
-            and torch.equal(item.layout.segment_of, first.layout.segment_of))
-
-
 def pad_rows(rows: list[torch.Tensor], fill: int = -1) -> torch.Tensor:
-    """Ragged 1-D int tensors -> [B, max_len], right-padded with `fill`."""
+    """Ragged 1-D int tensors -> [B, max_len] on the host, right-padded with `fill`."""
     width = max(int(r.numel()) for r in rows)
-    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    out = torch.full((len(rows), width), fill, dtype=torch.long, device=HOST)
     for b, r in enumerate(rows):
         out[b, : r.numel()] = r
     return out
+
+
+class _Tables:
+    """Per-token tables of every row, [B, W] on the device (W = longest layout + `room` answer
+    tokens). Answer tokens get the group after every layout group and a segment of their own,
+    so they see the whole remaining cache and each other causally."""
+
+    def __init__(self, items: list[Item], device: torch.device, room: int):
+        rows = items[0].layout.positions.shape[0]
+        width = max(it.layout.length for it in items) + room
+        b = len(items)
+        ids = torch.zeros(b, width, dtype=torch.long, device=HOST)
+        pos = torch.zeros(rows, b, width, dtype=torch.long, device=HOST)
+        group = torch.zeros(b, width, dtype=torch.long, device=HOST)
+        seg = torch.zeros(b, width, dtype=torch.long, device=HOST)
+        feat = torch.full((b, width), -1, dtype=torch.long, device=HOST)
+        # host copies the plan of a step is checked against without touching the device
+        self.solo = torch.ones(b, width, dtype=torch.bool, device=HOST)
+        self.visual = torch.zeros(b, width, dtype=torch.bool, device=HOST)
+        offset = 0
+        for r, it in enumerate(items):
+            lay, n = it.layout, it.layout.length
+            ids[r, :n], pos[:, r, :n] = lay.ids, lay.positions
+            group[r, :n], seg[r, :n], self.solo[r, :n] = lay.group_of, lay.segment_of, lay.solo
+            feat[r, :n] = torch.where(it.visual, it.feat_row + offset, -1)
+            self.visual[r, :n] = it.visual
+            offset += it.feats.embeds.shape[0]
+        self.answer_group = max(len(it.layout.groups) for it in items)
+        self.answer_segment = max(len(it.layout.segments) for it in items)
+        group[:, width - room:] = self.answer_group
+        seg[:, width - room:] = self.answer_segment
+        self.lengths = [it.layout.length for it in items]           # next free column per row
+        self.room_start = width - room
+        self.width = width
+        to = dict(device=device, non_blocking=True)
+        self.ids, self.pos, self.group, self.seg, self.feat = (
+            t.to(**to) for t in (ids, pos, group, seg, feat))
+        self.alike = all(it.layout is items[0].layout or (
+            torch.equal(it.layout.group_of, items[0].layout.group_of)
+            and torch.equal(it.layout.segment_of, items[0].layout.segment_of)) for it in items)
 
 
 class Batch:
     """A KV cache for several windows plus the slot map that says what each entry is."""
 
     def __init__(self, adapter: ModelAdapter, items: list[Item], cache: Any = None,
-                 slots: torch.Tensor | None = None):
+                 slots: torch.Tensor | None = None, room: int = 0):
         self.adapter = adapter
         self.items = items
+        self.device = adapter.device
         self.cache = cache if cache is not None else adapter.new_cache()
-        self.slots = slots if slots is not None else torch.empty(len(items), 0, dtype=torch.long)
+        self.slots = (slots.to(HOST) if slots is not None                  # [B, K] host plan
+                      else torch.empty(len(items), 0, dtype=torch.long, device=HOST))
+        self._keys = self.slots.to(self.device)                             # [B, K] device
+        self._padded = bool((self.slots < 0).any())
+        self._tables = _Tables(items, self.device, room)
+        feats = [it.feats for it in items]
+        self._embeds = torch.cat([f.embeds for f in feats]).to(self.device)  # [sum Nv, D]
+        self._deepstack = tuple(torch.cat(layer).to(self.device)
+                                for layer in zip(*(f.deepstack for f in feats), strict=True))
+        self._next_pos = [0] * len(items)                    # answer positions, set by `answer`
 
     def step(self, new: list[torch.Tensor], capture=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append layout tokens `new[b]` to row b and run them. Returns hidden [B, n, D] and the
-        padded token indices [B, n]. `capture`, if given, is `(layer, fn)` with
-        fn(query, key, mask, scaling, keys) called at that layer (see adapters.attention), with
-        mask [B, n, K + n] additive fp32 and keys [B, K + n] the slot of every key."""
-        idx = pad_rows(new)                                              # [B, n]
-        keys = torch.cat([self.slots, idx], dim=1)                       # [B, K + n]
-        ids, pos, masks, vis_rows, deep_rows = [], [], [], [], []
-        alike = True                                                     # every row sees as row 0
-        for b, item in enumerate(self.items):
-            q = idx[b].clamp(min=0)
-            ids.append(item.layout.ids[q])
-            pos.append(torch.where(idx[b] >= 0, item.layout.positions[:, q], 0))
-            same = b > 0 and _same_row(self.items[0], item, idx, keys, b)
-            masks.append(masks[0] if same else visibility(item.layout, idx[b], keys[b]))
-            alike = alike and (b == 0 or same)
-            vis = item.visual[q] & (idx[b] >= 0)
-            vis_rows.append(vis)
-            deep_rows.append(item.feat_row[q][vis])
-        embeds = self.adapter.embed(torch.stack(ids)).clone()            # [B, n, D]
-        visual = torch.stack(vis_rows)                                   # [B, n]
+        """Append tokens `new[b]` (indices into row b's tables: layout tokens, or answer tokens
+        written by `extend`) and run them. Returns hidden [B, n, D] and the padded indices
+        [B, n] (host). `capture`, if given, is `(layer, fn)` with fn(query, key, mask, scaling,
+        keys) called at that layer (see adapters.attention), with mask [B, n, K + n] additive
+        fp32 and keys [B, K + n] the slot of every key (host)."""
+        t = self._tables
+        idx = pad_rows(new)                                              # [B, n] host
+        keys = torch.cat([self.slots, idx], dim=1)                       # [B, K + n] host
+        padded = self._padded or bool((idx < 0).any())
+        q = idx.to(self.device, non_blocking=True)                       # the step's one copy
+        k = torch.cat([self._keys, q], dim=1)
+        qc = q.clamp(min=0)
+        ids = t.ids.gather(1, qc)                                        # [B, n]
+        positions = t.pos.gather(2, qc.expand(t.pos.shape[0], -1, -1))   # [rows, B, n]
+        feat = torch.where(q >= 0, t.feat.gather(1, qc), -1)             # [B, n]
+        visual = feat >= 0
+        embeds = self.adapter.embed(ids)                                 # [B, n, D]
         deepstack = ()
-        if visual.any():
-            rows = [item.feats.select(r) for item, r in zip(self.items, deep_rows, strict=True)]
-            embeds[visual.to(embeds.device)] = torch.cat([f.embeds for f in rows]).to(
-                embeds.dtype)
-            if rows[0].deepstack:
-                deepstack = tuple(torch.cat(layer) for layer in zip(*(f.deepstack for f in rows),
-                                                                    strict=True))
-        # [B, n, K + n], or [1, n, K + n] broadcast when every row sees alike (the common case
-        # of equal-size videos against one policy set): one mask instead of B copies
-        visible = masks[0][None] if alike else torch.stack(masks)
-        positions = torch.stack(pos, dim=1)                              # [rows, B, n]
+        if bool((t.visual.gather(1, idx.clamp(min=0)) & (idx >= 0)).any()):   # host check
+            picked = self._embeds[feat.clamp(min=0)].to(embeds.dtype)    # [B, n, D]
+            embeds = torch.where(visual[..., None], picked, embeds)
+            if self._deepstack:
+                rows = feat[visual]                   # NOTE: data-dependent; prefill steps only
+                deepstack = tuple(d[rows] for d in self._deepstack)
+        # every row sees alike (equal-size videos against one policy set): one broadcast row
+        alike = t.alike and not padded and all(torch.equal(idx[b], idx[0])
+                                               and torch.equal(keys[b], keys[0])
+                                               for b in range(1, len(new)))
+        solo = bool(t.solo.gather(1, idx.clamp(min=0)).all())
+        vis = self._visibility(q[:1] if alike else q, k[:1] if alike else k,
+                               causal=solo and not padded)
         if capture is None:
-            hidden = self.adapter.forward(embeds, positions, visible, self.cache, visual,
-                                          deepstack)
+            hidden = self.adapter.forward(embeds, positions, vis, self.cache, visual, deepstack)
         else:
             layer, fn = capture
-            mask = additive_mask(visible, torch.float32)[:, 0].expand(len(self.items), -1, -1)
-            with self.adapter.capture.capture(layer, lambda q, k, s: fn(q, k, mask, s, keys)):
-                hidden = self.adapter.forward(embeds, positions, visible, self.cache, visual,
+            mask = additive_mask(vis.dense(), torch.float32)[:, 0].expand(len(new), -1, -1)
+            with self.adapter.capture.capture(layer, lambda qq, kk, s: fn(qq, kk, mask, s, keys)):
+                hidden = self.adapter.forward(embeds, positions, vis, self.cache, visual,
                                               deepstack)
-        self.slots = keys
+        self.slots, self._keys, self._padded = keys, k, padded
         return hidden, idx
+
+    def _visibility(self, q: torch.Tensor, k: torch.Tensor, causal: bool) -> Visibility:
+        t = self._tables
+        qc, kc = q.clamp(min=0), k.clamp(min=0)
+        return Visibility(t.group.gather(1, qc), t.seg.gather(1, qc), q,
+                          t.group.gather(1, kc), t.seg.gather(1, kc), k, causal=causal)
+
+    def answer(self, next_positions: list[int]) -> None:
+        """Start answer tokens: row b's first one sits at position `next_positions[b]`."""
+        self._next_pos = list(next_positions)
+
+    def extend(self, new: list[list[int]]) -> torch.Tensor:
+        """Append answer token ids `new[b]` to row b (an empty list: the row waits) and run
+        them. Returns hidden [B, D] at each row's last new token (undefined for waiting rows)."""
+        t = self._tables
+        cols = []
+        for b, ids in enumerate(new):
+            start = max(t.lengths[b], t.room_start)
+            assert start + len(ids) <= t.width, "answer longer than the room the batch was given"
+            cols.append(torch.arange(start, start + len(ids), dtype=torch.long, device=HOST))
+            t.lengths[b] = start + len(ids)
+        idx = pad_rows(cols)                                              # [B, n]
+        real = idx >= 0
+        # write ids and positions of the new answer tokens into the device tables (one copy)
+        flat_b = real.nonzero()[:, 0]
+        ids = torch.tensor([i for row in new for i in row], dtype=torch.long, device=HOST)
+        pos = torch.cat([torch.arange(len(row), dtype=torch.long, device=HOST)
+                         + self._next_pos[b] for b, row in enumerate(new)])
+        for b, row in enumerate(new):
+            self._next_pos[b] += len(row)
+        where = idx[real]
+        packed = torch.stack([flat_b, where, ids, pos]).to(self.device, non_blocking=True)
+        bi, ci, iv, pv = packed
+        t.ids[bi, ci] = iv
+        t.pos[:, bi, ci] = pv
+        hidden, _ = self.step(list(cols))
+        last = (real.sum(1) - 1).clamp(min=0).to(self.device)             # [B]
+        return hidden[torch.arange(len(new), device=self.device), last]
 
     def keep(self, keep: list[torch.Tensor]) -> None:
         """Keep only cache entries whose slot index (per row, positions into the slot list) is in
         `keep[b]`; rows are re-padded to the longest."""
-        pos = pad_rows(keep, fill=0)                                     # [B, K']
+        pos = pad_rows(keep, fill=0)                                     # [B, K'] host
         real = pad_rows(keep) >= 0
-        slots = torch.where(real, self.slots.gather(1, pos), -1)
-        self.cache = gather(self.cache, self.adapter.new_cache(), pos)
-        self.slots = slots
+        self.slots = torch.where(real, self.slots.gather(1, pos), -1)
+        self.cache = gather(self.cache, self.adapter.new_cache(), pos.to(self.device))
+        self._keys = self.slots.to(self.device)
+        self._padded = bool((self.slots < 0).any())
 
     def truncate(self, length: int) -> None:
         truncate(self.cache, length)
-        self.slots = self.slots[:, :length]
+        self.slots, self._keys = self.slots[:, :length], self._keys[:, :length]
+        self._padded = bool((self.slots < 0).any())
 
     def row(self, b: int) -> tuple[Any, torch.Tensor]:
         """Row b alone, without padding: (a batch-1 cache, its slots [1, K_b])."""
         real = (self.slots[b] >= 0).nonzero().flatten()
-        tensors = [(k[b: b + 1, :, real], v[b: b + 1, :, real]) for k, v in layers(self.cache)]
+        dev = real.to(self.device)
+        tensors = [(k[b: b + 1, :, dev], v[b: b + 1, :, dev]) for k, v in layers(self.cache)]
         return filled(self.adapter.new_cache(), tensors), self.slots[b: b + 1, real]
 
 
-def batch_from_prefix(adapter: ModelAdapter, items: list[Item], tensors, length: int) -> Batch:
+def batch_from_prefix(adapter: ModelAdapter, items: list[Item], tensors: Tensors, length: int
+                      ) -> Batch:
     """A batch whose every row starts with the same cached prefix (layout tokens 0..length-1)."""
     cache = filled(adapter.new_cache(), repeat(tensors, len(items)))
-    slots = torch.arange(length).expand(len(items), -1).clone()
+    slots = torch.arange(length, device=HOST).expand(len(items), -1).clone()
     return Batch(adapter, items, cache, slots)
+
+
+def batch_from_rows(adapter: ModelAdapter, rows: list[tuple[Item, Any, torch.Tensor]],
+                    room: int) -> Batch:
+    """One batch from batch-1 caches (item, cache, slots [1, K_b]) of earlier batches, rows
+    right-padded to the longest, with `room` answer tokens per row."""
+    longest = max(int(s.shape[1]) for _, _, s in rows)
+    slots = torch.full((len(rows), longest), -1, dtype=torch.long, device=HOST)
+    per_layer = None
+    for b, (_, cache, s) in enumerate(rows):
+        slots[b, : s.shape[1]] = s[0]
+        tensors = layers(cache)
+        if per_layer is None:
+            per_layer = [(k.new_zeros(len(rows), k.shape[1], longest, k.shape[3]),
+                          v.new_zeros(len(rows), v.shape[1], longest, v.shape[3]))
+                         for k, v in tensors]
+        for (k_all, v_all), (k, v) in zip(per_layer, tensors, strict=True):
+            k_all[b, :, : k.shape[2]] = k[0]
+            v_all[b, :, : v.shape[2]] = v[0]
+    cache = filled(adapter.new_cache(), per_layer)
+    return Batch(adapter, [item for item, _, _ in rows], cache, slots, room=room)

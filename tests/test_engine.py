@@ -10,6 +10,7 @@ import torch
 
 from guardrail.engine import GuardEngine
 from guardrail.kvcache import filled, layers
+from guardrail.layout import Visibility
 from guardrail.policy import load_policy
 from guardrail.probes import probe_scores
 from guardrail.runner import Batch, Item
@@ -82,7 +83,7 @@ def test_parallel_equals_stitched_per_chunk_caches(engine, clip):
         embeds = adapter.embed(lay.ids[idx]).clone()
         embeds[visual[idx]] = feats.embeds
         n = idx.numel()
-        causal = torch.ones(1, n, n, dtype=torch.bool).tril()
+        causal = Visibility.causal_step(n, 0, adapter.device)
         adapter.forward(embeds[None], lay.positions[:, idx][:, None], causal, cache,
                         visual[idx][None], feats.deepstack)
         caches.append(layers(cache))
@@ -96,7 +97,8 @@ def test_parallel_equals_stitched_per_chunk_caches(engine, clip):
     probe_start = q.stop
     hidden, _ = batch.step([torch.arange(probe_start, lay.length)])
     last = [lay.span(f"R{i}").stop - 1 - probe_start for i in range(len(spans))]
-    stitched_scores = probe_scores(adapter.logits(hidden[0, last]), eng.answer)
+    logits = adapter.logits(hidden[0, last])
+    stitched_scores = probe_scores(logits[:, [eng.answer.true_id, eng.answer.false_id]])
     assert torch.allclose(one_pass, stitched_scores, atol=1e-4, rtol=0)
 
 
@@ -141,8 +143,8 @@ def test_explain_mode_always_parses(engine, video_files, mode):
     assert v.description is not None and v.explanation is not None
     assert "\n" not in v.description and "\n" not in v.explanation
     _, batch = eng.judge([load_video(video_files["mp4_h264"]).clips[0]])
-    text = eng._explain(batch.row(0)[0], batch.items[0].layout,
-                        [c.flagged for c in v.categories]).text
+    texts, _ = eng._explain([(batch.items[0], *batch.row(0))], [[c.flagged for c in v.categories]])
+    text = texts[0].text
     parsed = parse_answer(text, [(c.id, c.name) for c in eng.policies.categories])
     assert parsed.ok
     assert parsed.flags == {c.id: c.flagged for c in v.categories}
@@ -188,14 +190,14 @@ def test_causal_fast_path_equals_explicit_mask(engine, monkeypatch):
     def run():
         cache = adapter.new_cache()
         adapter.forward(adapter.embed(ids[:30])[None], pos[..., :30],
-                        torch.ones(1, 30, 30, dtype=torch.bool).tril(), cache)
-        visible = torch.ones(1, 10, 40, dtype=torch.bool).tril(30)
+                        Visibility.causal_step(30, 0, adapter.device), cache)
+        visible = Visibility.causal_step(10, 30, adapter.device)
         return adapter.forward(adapter.embed(ids[30:])[None], pos[..., 30:], visible, cache)
 
     fast = run()
     explicit = type(adapter)._mask
     monkeypatch.setattr(type(adapter), "_mask", lambda self, visible, batch: self.capture.mask(
-        visible.expand(batch, -1, -1), self.dtype))
+        visible, self.dtype, batch))
     slow = run()
     monkeypatch.setattr(type(adapter), "_mask", explicit)
     assert torch.allclose(fast, slow, atol=1e-5, rtol=0)

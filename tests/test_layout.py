@@ -116,3 +116,25 @@ def test_visibility_padding_sees_nothing():
     lay = plan(_groups("parallel", s, v, chunks, q, probes))
     vis = visibility(lay, torch.tensor([3, -1]), torch.tensor([0, -1, 1, 2, 3]))
     assert vis.tolist() == [[True, False, True, True, True], [False] * 5]
+
+
+def test_flex_mask_mod_equals_dense_rule():
+    """The packed FlexAttention mask_mod and the dense mask are one rule (random vectors, every
+    segment inside one group as in a layout, padding included)."""
+    from guardrail.layout import Visibility
+
+    g = torch.Generator().manual_seed(0)
+    b, q, k = 2, 7, 11
+
+    def vec(n, high):
+        return torch.randint(0, high, (b, n), generator=g)
+
+    qi, ki = vec(q, 12), vec(k, 12)
+    qi[0, -1], ki[1, 3] = -1, -1
+    qs, ks = vec(q, 6), vec(k, 6)
+    vis = Visibility(qs // 2, qs, qi, ks // 2, ks, ki)
+    mod = vis.mask_mod()
+    bi = torch.arange(b)[:, None, None]
+    got = mod(bi, 0, torch.arange(q)[None, :, None], torch.arange(k)[None, None, :])
+    assert torch.equal(got, vis.dense())
+    assert vis.dense().any() and not vis.dense().all()

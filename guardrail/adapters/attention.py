@@ -1,11 +1,12 @@
-"""The language model's attention backend, chosen once: how a visibility matrix becomes the
-backend's mask, and a look at one layer's attention during a forward pass (for pruning, SPEC
-§4.3).
+"""The language model's attention backend, chosen once: how a step's `Visibility` (per-token
+vectors on the device) becomes the backend's mask, and a look at one layer's attention during a
+forward pass (for pruning, SPEC §4.3).
 
-Backends: `sdpa` and `eager` take an additive float mask; `flex_attention` takes a FlexAttention
-`BlockMask` built from the same visibility (the PEPE mask is block-sparse, which flex skips on
-GPU). Only the language model switches backend: the vision tower keeps sdpa, since transformers
-does not offer flex for the Qwen-VL vision towers.
+Backends: `sdpa` and `eager` take an additive float mask built on the device from the vectors;
+`flex_attention` takes a FlexAttention `BlockMask` whose `mask_mod` reads the same vectors (the
+PEPE mask is block-sparse, which flex skips on GPU). Only the language model switches backend:
+the vision tower keeps sdpa, since transformers does not offer flex for the Qwen-VL vision
+towers.
 
 The language model's attention is swapped for a thin wrapper around the chosen backend. The
 wrapper passes everything through; while a `capture(layer, fn)` block is active it also calls
@@ -27,26 +28,30 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from guardrail.layout import additive_mask
+from guardrail.layout import Visibility, additive_mask
 
 CaptureFn = Callable[[torch.Tensor, torch.Tensor, float], None]
 _names = itertools.count()
 
 
-def block_mask(visible: torch.Tensor, dtype: torch.dtype) -> Any:
-    """[B, Q, K] bool -> FlexAttention BlockMask (dtype unused: flex masks are not additive)."""
+def dense_mask(visible: Visibility, dtype: torch.dtype, batch: int) -> torch.Tensor:
+    """[B or 1, 1, Q, K] additive mask in `dtype`, on the vectors' device."""
+    return additive_mask(visible.dense(), dtype)
+
+
+def block_mask(visible: Visibility, dtype: torch.dtype, batch: int) -> Any:
+    """FlexAttention BlockMask over the vectors (dtype unused: flex masks are not additive)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    vis = visible
+    vis = visible.expand(batch)                       # block masks do not broadcast rows
     b, q, k = vis.shape
-    return create_block_mask(lambda bi, h, qi, ki: vis[bi, qi, ki], b, None, q, k,
-                             device=vis.device)
+    return create_block_mask(vis.mask_mod(), b, None, q, k, device=vis.q_index.device)
 
 
-# backend -> how a [B, Q, K] visibility matrix becomes that backend's attention mask
-MASKS: dict[str, Callable[[torch.Tensor, torch.dtype], Any]] = {
-    "sdpa": additive_mask,
-    "eager": additive_mask,
+# backend -> how a step's visibility becomes that backend's attention mask
+MASKS: dict[str, Callable[[Visibility, torch.dtype, int], Any]] = {
+    "sdpa": dense_mask,
+    "eager": dense_mask,
     "flex_attention": block_mask,
 }
 

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
+from guardrail.layout import Visibility
 from guardrail.video import Clip
 
 
@@ -73,16 +74,20 @@ class ModelAdapter(Protocol):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """[T] ids -> [T, D] input embeddings."""
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor,
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, visible: Visibility,
                 cache: Any, visual: torch.Tensor | None = None,
                 deepstack: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
-        """Language model over new tokens. embeds [B, T, D], positions [rows, B, T],
-        visible [B, T, K] bool with K = cached + T (the adapter turns it into its attention
-        backend's mask), cache a DynamicCache (mutated). `visual` [B, T] bool marks visual
-        tokens for `deepstack`. Returns hidden [B, T, D]."""
+        """Language model over new tokens. embeds [B, T, D], positions [rows, B, T], `visible`
+        the step's per-token visibility vectors (K = cached + T keys; the adapter's attention
+        backend builds its mask from them on the device), cache a DynamicCache (mutated).
+        `visual` [B, T] bool marks visual tokens for `deepstack` (non-empty only in steps
+        holding visual tokens). Returns hidden [B, T, D]."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., D] hidden states -> [..., V] next-token logits (fp32)."""
+
+    def answer_logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """[..., D] hidden states -> [..., len(ids)] fp32 logits of vocabulary rows `ids`."""
 
     def new_cache(self) -> Any:
         """An empty KV cache for this model."""

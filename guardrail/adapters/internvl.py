@@ -18,6 +18,7 @@ import torch
 from guardrail.adapters.base import VideoInputs, VisualFeatures
 from guardrail.adapters.transformers_lm import TransformersAdapter
 from guardrail.errors import UsageError
+from guardrail.layout import HOST
 from guardrail.video import Clip
 
 
@@ -53,9 +54,10 @@ class InternVLAdapter(TransformersAdapter):
         for i in range(pixels.shape[0]):
             ids += self.encode_text(("\n" if i else "") + f"Frame{i + 1}: ")
             ids += [self._img_start, *[self._context_id] * self._per_frame, self._img_end]
-        ids_t = torch.tensor(ids, dtype=torch.long)
+        ids_t = torch.tensor(ids, dtype=torch.long, device=HOST)
         length = ids_t.numel()
-        return VideoInputs(ids=ids_t, rel_pos=torch.arange(length)[None], advance=length,
+        return VideoInputs(ids=ids_t, rel_pos=torch.arange(length, device=HOST)[None],
+                           advance=length,
                            visual=ids_t == self._context_id,
                            encoder_inputs={"pixel_values": pixels})
 

@@ -17,6 +17,7 @@ from transformers.video_utils import VideoMetadata
 
 from guardrail.adapters.base import VideoInputs, VisualFeatures
 from guardrail.adapters.transformers_lm import TransformersAdapter
+from guardrail.layout import HOST
 from guardrail.video import Clip
 
 
@@ -51,8 +52,9 @@ class QwenVLAdapter(TransformersAdapter):
             text=[start + pad + end], videos=[clip.frames], video_metadata=[meta],
             do_sample_frames=False, return_tensors="pt",
         )
-        ids = torch.cat([out["input_ids"][0], torch.tensor([tail])])
-        types = torch.cat([out["mm_token_type_ids"][0], torch.zeros(1, dtype=torch.long)])
+        ids = torch.cat([out["input_ids"][0], torch.tensor([tail], device=HOST)])
+        types = torch.cat([out["mm_token_type_ids"][0],
+                           torch.zeros(1, dtype=torch.long, device=HOST)])
         rope_kwargs = {k: v for k, v in out.items()
                        if k in self._rope_params
                        and k not in ("input_ids", "mm_token_type_ids", "attention_mask")}
@@ -92,7 +94,7 @@ class QwenVLAdapter(TransformersAdapter):
                 for i in range(len(videos))]
 
     def _extra(self, visual, deepstack) -> dict[str, Any]:
-        if deepstack and visual is not None and bool(visual.any()):
+        if deepstack and visual is not None:         # the runner passes deepstack only then
             return {"visual_pos_masks": visual.to(self.device),
                     "deepstack_visual_embeds": list(deepstack)}
         return {}

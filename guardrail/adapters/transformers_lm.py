@@ -11,6 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from guardrail.adapters.attention import AttentionCapture
+from guardrail.layout import Visibility
 
 _SENTINEL = "\u2063GUARDRAIL_MESSAGE\u2063"
 
@@ -77,17 +78,13 @@ class TransformersAdapter:
                        use_cache=True, **kwargs)
         return out.last_hidden_state
 
-    def _mask(self, visible: torch.Tensor, batch: int) -> Any:
-        """The backend's mask for `visible` [B or 1, Q, K], or None when it is exactly causal
-        over the whole cache (every prefill of `sequential`, every decode step): the backend's
-        own causal path is faster than any explicit mask."""
-        _, q, k = visible.shape
-        causal = torch.arange(k)[None, :] <= torch.arange(k - q, k)[:, None]     # [Q, K]
-        if k >= q and bool((visible == causal).all()):
+    def _mask(self, visible: Visibility, batch: int) -> Any:
+        """The backend's mask for the step, or None when the layout says it is exactly causal
+        over the whole cache (sequential prefills, decode steps): the backend's own causal
+        path is faster than any explicit mask."""
+        if visible.causal:
             return None
-        if self.capture.backend == "flex_attention":
-            visible = visible.expand(batch, -1, -1)       # block masks do not broadcast rows
-        return self.capture.mask(visible.to(self.device), self.dtype)
+        return self.capture.mask(visible, self.dtype, batch)
 
     def _extra(self, visual, deepstack) -> dict[str, Any]:
         """Extra language-model arguments for the visual tokens of this forward (none here)."""
@@ -96,6 +93,17 @@ class TransformersAdapter:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def answer_logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """[..., D] hidden -> [..., len(ids)] logits of the vocabulary rows `ids` only, in fp32
+        (a bf16 head over the whole vocabulary moves a probe score by up to 0.02)."""
+        head = self.model.lm_head
+        rows = head.weight[ids].float()                                   # [n, D]
+        out = hidden.float() @ rows.T
+        if getattr(head, "bias", None) is not None:
+            out = out + head.bias[ids].float()
+        return out
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.model.config.get_text_config())
