@@ -7,7 +7,9 @@ held to the output skeleton so the answer always parses (SPEC §4.4 `explain`).
 
 All rows decode together, one forward per step: a row that generates feeds one token, a row
 that reaches the end of its description feeds its forced verdict block in the same step, a row
-that is done feeds nothing and waits. Each row's text is what decoding it alone gives.
+that is done feeds nothing and waits. Each row's text is what decoding it alone gives (exactly in
+fp32; in bf16 a padded batch step and a lone row's causal step round differently, so a near tie
+between two tokens can go either way).
 """
 
 from __future__ import annotations
@@ -44,10 +46,10 @@ def forced_block(encode, keys: list[str], flags: list[bool]) -> list[int]:
     return encode(f"\nGUARDRAIL: {guardrail_json(keys, flags)}\nEXPLANATION:")
 
 
-def room(encode, keys: list[str], max_new_tokens: int) -> int:
-    """Answer tokens a row can take: the opener, the longest forced block, the generated
-    tokens and the one token that ends each line."""
-    longest = max(len(forced_block(encode, keys, [f] * len(keys))) for f in (True, False))
+def room(encode, keys: list[str], flags: list[list[bool]], max_new_tokens: int) -> int:
+    """Answer tokens the rows can take: the opener, the longest of their forced blocks, the
+    generated tokens and the one token that ends each line."""
+    longest = max(len(forced_block(encode, keys, f)) for f in flags)
     return len(opener(encode)) + longest + max_new_tokens + 2
 
 

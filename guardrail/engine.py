@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from guardrail.adapters import ModelAdapter, VideoInputs, create_adapter
+from guardrail.adapters import ModelAdapter, VideoInputs, VisualFeatures, create_adapter
 from guardrail.adapters.registry import resolve_placement
 from guardrail.calibration import Calibration, resolve
 from guardrail.chunk_cache import ChunkCache
@@ -88,6 +88,13 @@ class EngineConfig:
     @property
     def cached_chunks(self) -> bool:
         return self.layout == "parallel_cached" and self.chunk_cache
+
+
+def _text_only(item: Item) -> Item:
+    """The item without its visual features: decoding after the prompt never reads them, and
+    keeping them would keep the whole batch's encoder output alive until explain mode runs."""
+    embeds = item.feats.embeds
+    return replace(item, feats=VisualFeatures(embeds.new_empty((0, embeds.shape[-1]))))
 
 
 @dataclass(frozen=True)
@@ -173,7 +180,7 @@ class GuardEngine:
                 results[i].append(r)
                 top = float(r.scores.max())
                 if self.config.mode != "fast" and (i not in best or top > best[i][0]):
-                    best[i] = (top, (batch.items[row], *batch.row(row)))
+                    best[i] = (top, (_text_only(batch.items[row]), *batch.row(row)))
         scores = [torch.stack([r.scores for r in rs]).amax(dim=0) for rs in results]   # [m]
         flags = [[float(x) >= t for x, t in zip(s, self.thresholds, strict=True)]
                  for s in scores]
@@ -298,7 +305,7 @@ class GuardEngine:
             part, part_flags = rows[start: start + size], flags[start: start + size]
             t = time.perf_counter()
             batch = batch_from_rows(self.adapter, part, room(
-                self.adapter.encode_text, keys, self.config.max_new_tokens))
+                self.adapter.encode_text, keys, part_flags, self.config.max_new_tokens))
             next_pos = [int(item.layout.positions[0, item.layout.span("Q").stop - 1]) + 1
                         for item, _, _ in part]
             texts += explain_batch(batch, next_pos, keys, part_flags,

@@ -150,9 +150,10 @@ class Visibility:
     padding). B may be 1 where every row sees alike (the mask broadcasts).
 
     Rule: key k is visible to query q when k's group comes before q's group, or k is in q's own
-    segment at or before q; padding sees and is seen by nothing. `causal` says the step is
-    exactly causal over the cache (no padding, every query in a group of one segment), so a
-    backend may use its own causal path and no mask at all."""
+    segment at or before q; padding sees and is seen by nothing. Segment ids are global (a
+    segment lies in one group), which the packed FlexAttention form relies on. `causal` says
+    the step is exactly causal over the cache (no padding, every query in a group of one
+    segment), so a backend may use its own causal path and no mask at all."""
 
     q_group: torch.Tensor
     q_segment: torch.Tensor
