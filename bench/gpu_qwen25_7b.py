@@ -187,6 +187,10 @@ class Bench:
             scores = [c.score for c in v.categories]
             assert all(0.0 <= s <= 1.0 for s in scores), f"{name}: scores {scores}"
             assert v.pruning.total_tokens == 1024, f"{name}: {v.pruning.total_tokens} video tokens"
+        self._check_tokens(name, verdicts, got, batch, new_tokens)
+
+    @staticmethod
+    def _check_tokens(name: str, verdicts, got: C.Counts, batch: int, new_tokens: int) -> None:
         if new_tokens and batch == 1:
             assert got.decode_steps == new_tokens, (
                 f"{name}: {got.decode_steps} tokens generated, not {new_tokens}")
