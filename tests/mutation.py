@@ -221,6 +221,11 @@ def operator_mutants(file: str, wanted: tuple[str, ...] | None) -> list[Mutant]:
                 if src not in seen:
                     seen.add(src)
                     mutants.append(Mutant(name, file, src))
+    names: dict[str, int] = {}                 # two mutants on one line: name them apart
+    for i, m in enumerate(mutants):
+        names[m.name] = names.get(m.name, 0) + 1
+        if names[m.name] > 1:
+            mutants[i] = Mutant(f"{m.name}#{names[m.name]}", m.file, m.source)
     return mutants
 
 
