@@ -70,3 +70,10 @@ def test_embedding_similarity_prefers_aligned_tokens():
 def test_config_validation(kw):
     with pytest.raises(UsageError):
         PruningConfig(**kw)
+
+
+def test_config_bounds_are_inclusive_where_they_should_be():
+    """Layer 0 and keep ratio 1.0 are valid; 1.0 means pruning is off, anything below is on."""
+    assert PruningConfig(layer=0).layer == 0
+    assert not PruningConfig(keep_ratio=1.0).active
+    assert PruningConfig(keep_ratio=1 - 1e-9).active
