@@ -91,7 +91,7 @@ _SCORE = ["tests/test_reference.py::score or logits or tokens", "tests/test_engi
 TESTS: dict[str, list[str]] = {
     "guardrail/probes.py": ["tests/test_probes.py", *_SCORE],
     "guardrail/pruning.py": ["tests/test_pruning.py", "tests/test_reference.py::pruning"],
-    "guardrail/layout.py": ["tests/test_layout.py", *_SCORE],
+    "guardrail/layout.py": ["tests/test_layout.py", *_SCORE, "tests/test_runner.py::causal"],
     "guardrail/decode.py": ["tests/test_reference.py::greedy", "tests/test_batches.py::explain",
                             "tests/test_runner.py::decodes"],
     "guardrail/prefill.py": ["tests/test_reference.py::pruning", "tests/test_prefill.py::quarter"],
