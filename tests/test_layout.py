@@ -132,6 +132,7 @@ def test_flex_mask_mod_equals_dense_rule():
     qi, ki = vec(q, 12), vec(k, 12)
     qi[0, -1], ki[1, 3] = -1, -1
     qs, ks = vec(q, 6), vec(k, 6)
+    qs[0, 0], qi[0, 0], ks[0, 0], ki[0, 0] = 0, 0, 0, 0   # the very first token (code 0)
     vis = Visibility(qs // 2, qs, qi, ks // 2, ks, ki)
     mod = vis.mask_mod()
     bi = torch.arange(b)[:, None, None]
