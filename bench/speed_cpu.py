@@ -28,6 +28,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [BENCH, os.path.dirname(BENCH)]   # bench/ helpers; the repo, where not installed
 
 import common as C  # noqa: E402 - bench/ is not a package; run as a script
+import step_costs  # noqa: E402
 
 from guardrail.engine import EngineConfig, GuardEngine  # noqa: E402
 from guardrail.policy import load_policy  # noqa: E402
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                     "shared machine)")
     ap.add_argument("--policies", default="policies/safewatch.yaml")
     ap.add_argument("--out", help="also write the table as markdown here")
+    ap.add_argument("--steps-only", action="store_true", help="only the per-clip and per-step "
+                    "costs (vision attention calls, masks), not the speed table")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -115,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     meter = C.Meter(model)
     engine = GuardEngine(adapter, load_policy(args.policies), EngineConfig(mode="fast"))
     videos = [C.synthetic_video(seed) for seed in range(8)]
+    ragged = [C.synthetic_video(seed, frames=(8, 4)[seed % 2]) for seed in range(8)]
+    costs = step_costs.render(engine, videos, ragged)
+    if args.steps_only:
+        print(costs)
+        return 0
     mp4 = C.encode_mp4()
     cases = build_cases(engine, model, processor, videos, mp4, args.new_tokens)
     log(f"model {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; "
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with C.forced_length(adapter):
         times = C.median_times({c.name: measured(c) for c in cases}, args.repeats, "cpu", log=log)
-    table = render(cases, times, counts, kept, stages)
+    table = render(cases, times, counts, kept, stages) + "\n" + costs
     print(table)
     if args.out:
         with open(args.out, "w") as f:
@@ -191,7 +199,8 @@ def header(args, model, seconds: float) -> str:
         "Stage columns, ms per video (medians): `prep` = processor + rope index "
         "(timing_ms.decode_video; videos are pre-decoded), `enc` = visual encoder (hook), "
         "`prefill` = timing_ms.prefill minus enc, `verdict`, `generate` from timing_ms. "
-        "`pc` = parallel_cached.\n\n")
+        "`pc` = parallel_cached. The second and third tables: "
+        + step_costs.__doc__.split("\n\n", 1)[1].replace("\n", " ") + "\n\n")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers.video_utils import VideoMetadata
 
+from guardrail.adapters import vision_attention
 from guardrail.adapters.base import VideoInputs, VisualFeatures
 from guardrail.adapters.transformers_lm import TransformersAdapter
 from guardrail.layout import HOST
@@ -29,6 +30,9 @@ class QwenVLAdapter(TransformersAdapter):
         self._deepstack = "deepstack_visual_embeds" in self._lm_params
         self._rope_params = set(inspect.signature(model.model.get_rope_index).parameters)
         self._video_token_id = model.config.video_token_id
+        tower = model.model.visual
+        if "flash" not in str(tower.config._attn_implementation):   # flash is varlen already
+            vision_attention.install(tower)
 
     def _message(self, text: str) -> Any:
         return [{"type": "text", "text": text}]
