@@ -18,7 +18,6 @@ import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
 
 import torch
 
@@ -44,11 +43,12 @@ from guardrail.probes import answer_tokens, probe_scores
 from guardrail.prompt import STYLES, VIDEO_SLOT, build_prompt, prompt_segments
 from guardrail.pruning import PruningConfig
 from guardrail.runner import Batch, Item, batch_from_prefix, batch_from_rows
+from guardrail.shipped import shipped
 from guardrail.verdict import Verdict, WindowResult, build_verdict
 from guardrail.video import SamplingConfig, Video, VideoLimits, VideoSource, load_video
 
 MODES = ("fast", "explain", "explain_flagged")
-DEFAULT_POLICY = Path(__file__).resolve().parent.parent / "policies" / "safewatch.yaml"
+DEFAULT_POLICY = shipped("policies", "safewatch.yaml")
 
 
 @dataclass(frozen=True)

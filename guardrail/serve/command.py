@@ -28,8 +28,9 @@ import yaml
 
 from guardrail.errors import ModelError, UsageError
 from guardrail.serve.settings import ServiceSettings
+from guardrail.shipped import shipped
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve.yaml"
+DEFAULT_CONFIG = shipped("deploy", "serve.yaml")
 
 
 class Server:

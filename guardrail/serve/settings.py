@@ -15,9 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from guardrail.engine import MODES
 from guardrail.errors import UsageError
 from guardrail.layout import LAYOUTS
+from guardrail.shipped import shipped_dir
 from guardrail.video import SamplingConfig, VideoLimits
 
-REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
+SHIPPED_POLICIES = shipped_dir("policies")
 API_KEYS_ENV = "GUARDRAIL_API_KEYS"
 
 
@@ -84,7 +85,7 @@ class ServiceSettings(_Settings):
     device: str = "auto"
     dtype: str = "auto"
     attn: str = "auto"
-    policies_dir: str = Field(str(REPO_POLICIES), description="Registered policy sets (*.yaml).")
+    policies_dir: str = Field(str(SHIPPED_POLICIES), description="Registered policy sets (*.yaml).")
     policy_set: str = Field("safewatch", description="Set used when a request names none.")
     layout: str = "parallel"
     mode: str = "fast"
