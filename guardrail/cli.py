@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from guardrail.bench.command import bench_app
@@ -183,9 +184,11 @@ def check(
 
     quiet_transformers()
     sampling = SamplingConfig(num_frames=frames, window_s=window)
-    pset = load_policies(policy) if policy else None
+    # one file goes by path, so `--calibration auto` finds the calibration file beside it
+    policies = policy[0] if policy and len(policy) == 1 else (
+        load_policies(policy) if policy else None)
     engine = GuardEngine.from_pretrained(
-        model, policies=pset, device=device, dtype=dtype, layout=layout, mode=mode,
+        model, policies=policies, device=device, dtype=dtype, layout=layout, mode=mode,
         prompt_style=prompt_style,
         keep_ratio=keep_ratio, pruning_mode=pruning_mode, batch_size=batch_size,
         sampling=sampling, max_new_tokens=max_new_tokens, decoder=decoder,
@@ -232,8 +235,12 @@ def serve_cmd(
 
 def _print_verdict(path: Path, verdict) -> None:
     status = "[bold red]FLAGGED[/]" if verdict.flagged else "[bold green]ok[/]"
-    out.print(f"{path}: {status}  ({verdict.policy_set}, {verdict.layout}/{verdict.mode}, "
-              f"{verdict.video.frames_used} frames, {verdict.timing_ms.total:.0f} ms)")
+    calibrated = "calibrated" if verdict.calibrated else "uncalibrated"
+    out.print(f"{path}: {status}  ({verdict.policy_set} v{verdict.policy_version}, "
+              f"{verdict.layout}/{verdict.mode}, {calibrated}, {verdict.video.frames_used} "
+              f"frames, {verdict.timing_ms.total:.0f} ms)")
+    for warning in verdict.warnings:
+        out.print(f"[bold yellow]warning:[/] {escape(warning)}")
     table = Table("id", "category", "score", "threshold", "flagged")
     for c in verdict.categories:
         table.add_row(c.id, c.name, f"{c.score:.3f}", f"{c.threshold:.2f}",

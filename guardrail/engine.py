@@ -112,9 +112,11 @@ class GuardEngine:
     is); use one engine per worker."""
 
     def __init__(self, adapter: ModelAdapter, policies: PolicySet, config: EngineConfig,
-                 chunk_cache: ChunkCache | None = None, calibration: Calibration | None = None):
+                 chunk_cache: ChunkCache | None = None, calibration: Calibration | None = None,
+                 warnings: tuple[str, ...] = ()):
         self.adapter = adapter
         self.calibration = calibration
+        self._warnings = warnings       # the engine's own; the model's are added per verdict
         self.policies = policies
         self.config = config
         self.chunks = chunk_cache if chunk_cache is not None else ChunkCache(
@@ -141,16 +143,36 @@ class GuardEngine:
             policies or DEFAULT_POLICY)
         policy_file = None if isinstance(policies, PolicySet) else (policies or DEFAULT_POLICY)
         calibration = resolve(cfg.calibration, policy_file, model, pset.name)
+        warnings = ()
+        if cfg.calibration == "auto" and calibration is None:
+            warnings = (f"calibration auto: no calibration file for policy set {pset.name!r} "
+                        f"beside {policy_file or 'the policy file'} or in the model directory; "
+                        "scores are uncalibrated",)
         adapter = create_adapter(model, resolve_placement(device, dtype, attn))
-        return cls(adapter, pset, cfg, calibration=calibration)
+        return cls(adapter, pset, cfg, calibration=calibration, warnings=warnings)
 
     def with_config(self, **changes) -> GuardEngine:
         """The same model, policies and chunk cache with other settings (no reload)."""
         return GuardEngine(self.adapter, self.policies, replace(self.config, **changes),
-                           self.chunks, self.calibration)
+                           self.chunks, self.calibration, self._warnings)
 
     def with_policies(self, policies: PolicySet) -> GuardEngine:
-        return GuardEngine(self.adapter, policies, self.config, self.chunks, self.calibration)
+        """The same model and settings against another set; a calibration fitted for another
+        set does not follow (its category ids mean other things there)."""
+        cal = self.calibration
+        if cal is not None and cal.policy_set not in (None, policies.name):
+            cal = None
+        return GuardEngine(self.adapter, policies, self.config, self.chunks, cal, self._warnings)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether a calibration applies to at least one category of the set."""
+        return self.calibration is not None and any(
+            c.id in self.calibration.scalings for c in self.policies.categories)
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return (*getattr(self.adapter, "warnings", ()), *self._warnings)
 
     # ------------------------------------------------------------------ public API
 
@@ -194,7 +216,8 @@ class GuardEngine:
                     self.policies, self.thresholds, video, results[i], scores[i], flags[i],
                     text_of.get(i), model=self.adapter.name, layout=self.config.layout,
                     mode=self.config.mode, keep_ratio=self.config.keep_ratio,
-                    decode_ms=decode_ms[i], generate_ms=gen_of.get(i, 0.0), total_ms=total)
+                    decode_ms=decode_ms[i], generate_ms=gen_of.get(i, 0.0), total_ms=total,
+                    calibrated=self.calibrated, warnings=self.warnings)
                 for i, video in enumerate(decoded)]
 
     # ------------------------------------------------------------------ one batch of windows

@@ -121,6 +121,14 @@ class PolicySet(_Model):
             first[category.id] = i
         return self
 
+    @property
+    def content_hash(self) -> str:
+        """sha256 of the set's canonical content (every field, categories in set order), so a
+        stored verdict says exactly which policy judged it."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True,
+                               separators=(",", ":"), ensure_ascii=False)
+        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
     def category(self, category_id: str) -> Category:
         for category in self.categories:
             if category.id == category_id:

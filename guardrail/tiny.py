@@ -91,6 +91,16 @@ _PROCESSOR = {
 # Training text for the BPE merges: prompt, policy and answer vocabulary, so that an English
 # SafeWatch-style prompt tokenizes compactly. The answer skeleton is repeated so that `":`,
 # ` true` and ` false` become single tokens.
+TEST_MODEL_KEY = "guardrail_test_model"   # in config.json: made by make-tiny, random weights
+TEST_MODEL_WARNING = ("random test model (guardrail model make-tiny): its scores, flags and "
+                      "text are meaningless")
+
+
+def mark_test_model(model) -> None:
+    """Mark a random model's config, so every verdict it gives says so."""
+    setattr(model.config, TEST_MODEL_KEY, True)
+
+
 def make_tiny(out_dir: str | os.PathLike, family: str, seed: int = 0) -> Path:
     """Write a tiny random `family` model, its tokenizer and its processor to `out_dir`.
 
@@ -122,6 +132,7 @@ def make_tiny(out_dir: str | os.PathLike, family: str, seed: int = 0) -> Path:
         pad_token_id=ids["<|endoftext|>"],
         do_sample=False,
     )
+    mark_test_model(model)
     model.save_pretrained(out, safe_serialization=True)
     _processor(family, tokenizer).save_pretrained(out)
     return out
@@ -267,6 +278,7 @@ def _make_tiny_internvl(out: Path, seed: int) -> Path:
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.generation_config = generation_config(
         bos=ids["<s>"], stop=ids["<|im_end|>"], pad=ids["</s>"])
+    mark_test_model(model)
     model.save_pretrained(out, safe_serialization=True)
     save_all(out, tok, _INTERNVL_IMAGE, per_frame, model.generation_config)
     return out

@@ -71,6 +71,13 @@ class Verdict(_Schema):
     video: VideoSummary
     pruning: Pruning
     timing_ms: Timing = Field(default_factory=Timing)
+    policy_version: int | None = Field(default=None, description="Version of the policy set.")
+    policy_hash: str | None = Field(default=None, description="sha256 of the policy set's "
+                                    "canonical content: exactly which policy judged.")
+    calibrated: bool = Field(default=False, description="Per-category score calibration was "
+                             "applied.")
+    warnings: list[str] = Field(default_factory=list, description="Why these scores may not "
+                                "mean what they say (e.g. a random test model).")
 
     def flagged_ids(self) -> list[str]:
         return [c.id for c in self.categories if c.flagged]
@@ -101,7 +108,8 @@ class WindowResult:
 def build_verdict(policies: Any, thresholds: list[float], video: Any,
                   results: list[WindowResult], scores: torch.Tensor, flags: list[bool],
                   text: Any, *, model: str, layout: str, mode: str, keep_ratio: float,
-                  decode_ms: float, generate_ms: float, total_ms: float) -> Verdict:
+                  decode_ms: float, generate_ms: float, total_ms: float, calibrated: bool = False,
+                  warnings: tuple[str, ...] = ()) -> Verdict:
     """The SPEC §4.5 verdict of one video from its windows (in time order)."""
     cats = policies.categories
     categories = [
@@ -128,6 +136,8 @@ def build_verdict(policies: Any, thresholds: list[float], video: Any,
             prefill=sum(r.prefill_ms for r in results),
             verdict=sum(r.verdict_ms for r in results),
             generate=generate_ms, total=total_ms),
+        policy_version=policies.version, policy_hash=policies.content_hash,
+        calibrated=calibrated, warnings=list(warnings),
     )
 
 

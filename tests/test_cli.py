@@ -112,3 +112,80 @@ def test_console_script_runs():
     res = subprocess.run([sys.executable, "-m", "guardrail.cli", "--help"], capture_output=True,
                          text=True, timeout=60)
     assert res.returncode == 0 and "check" in res.stdout
+
+
+def _calibration_for(policy: Path, model: Path, tmp_path: Path) -> Path:
+    """A Platt calibration of `policy`'s set saved beside it (where `auto` looks)."""
+    import numpy as np
+
+    from guardrail.calibration import default_path, fit, save
+    from guardrail.policy import load_policy
+
+    ids = [c.id for c in load_policy(policy).categories]
+    rng = np.random.default_rng(0)
+    raw = rng.uniform(0.3, 0.7, size=(200, len(ids)))
+    cal = fit(raw, (rng.uniform(size=raw.shape) < 0.2).astype(int), ids, "platt")
+    return save(cal, default_path(policy=policy))
+
+
+def test_calibration_auto_finds_the_file_beside_the_given_policy(tmp_path, tiny_model,
+                                                                  video_files):
+    policy = tmp_path / "sw.yaml"
+    policy.write_text((ROOT / "policies" / "safewatch.yaml").read_text())
+    model, clip = tiny_model(), video_files["mp4_h264"]
+
+    def verdict(*extra):
+        got = run("check", clip, "--model", model, "--policy", policy, "--json", *extra)
+        assert got.exit_code == 0, got.output
+        return Verdict.model_validate_json(got.stdout.splitlines()[0])
+
+    plain = verdict()
+    missing = verdict("--calibration", "auto")
+    assert not plain.calibrated and not missing.calibrated
+    assert any("calibration auto: no calibration file" in w for w in missing.warnings)
+    _calibration_for(policy, model, tmp_path)
+    calibrated = verdict("--calibration", "auto")
+    assert calibrated.calibrated
+    assert not any("calibration" in w for w in calibrated.warnings)
+    assert calibrated.scores() != plain.scores()
+
+
+def test_verdicts_name_the_policy_and_warn_about_random_models(tmp_path, tiny_model,
+                                                                video_files):
+    from guardrail.policy import load_policy
+    from guardrail.tiny import TEST_MODEL_KEY, TEST_MODEL_WARNING
+
+    policy = ROOT / "policies" / "weapons.yaml"
+    got = run("check", video_files["mp4_h264"], "--model", tiny_model(), "--policy", policy,
+              "--json")
+    v = Verdict.model_validate_json(got.stdout.splitlines()[0])
+    pset = load_policy(policy)
+    assert (v.policy_version, v.policy_hash) == (pset.version, pset.content_hash)
+    assert v.policy_hash.startswith("sha256:") and len(v.policy_hash) == 71
+    assert v.warnings == [TEST_MODEL_WARNING]
+    table = run("check", video_files["mp4_h264"], "--model", tiny_model(), "--policy", policy)
+    assert "random test model" in " ".join(table.stdout.split())
+    assert f"{pset.name} v{pset.version}" in table.stdout and "uncalibrated" in table.stdout
+    # the same model without the mark: no warning
+    import shutil
+    real = shutil.copytree(tiny_model(), tmp_path / "unmarked")
+    config = json.loads((real / "config.json").read_text())
+    assert config.pop(TEST_MODEL_KEY) is True
+    (real / "config.json").write_text(json.dumps(config))
+    got = run("check", video_files["mp4_h264"], "--model", real, "--policy", policy, "--json")
+    assert Verdict.model_validate_json(got.stdout.splitlines()[0]).warnings == []
+
+
+def test_policy_hash_follows_content_not_formatting(tmp_path):
+    from guardrail.policy import load_policy
+
+    src = (ROOT / "policies" / "weapons.yaml").read_text()
+    reformatted = tmp_path / "a.yaml"
+    import yaml
+    reformatted.write_text("# a comment\n" + yaml.safe_dump(yaml.safe_load(src),
+                                                             default_flow_style=True))
+    changed = tmp_path / "b.yaml"
+    changed.write_text(src.replace("version: 1", "version: 2", 1))
+    base = load_policy(ROOT / "policies" / "weapons.yaml").content_hash
+    assert load_policy(reformatted).content_hash == base
+    assert load_policy(changed).content_hash != base

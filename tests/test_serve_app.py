@@ -26,7 +26,8 @@ from guardrail.serve.settings import Jobs, Limits, Load, ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 VERDICT_KEYS = {"flagged", "categories", "description", "explanation", "segments", "model",
-                "policy_set", "layout", "mode", "video", "pruning", "timing_ms"}
+                "policy_set", "layout", "mode", "video", "pruning", "timing_ms",
+                "policy_version", "policy_hash", "calibrated", "warnings"}
 POLICY = """name: tiny-set
 version: 1
 categories:

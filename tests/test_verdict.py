@@ -110,7 +110,8 @@ def test_verdict_json_has_spec_keys():
     data = _verdict().model_dump(mode="json")
     assert set(data) == {
         "flagged", "categories", "description", "explanation", "segments", "model",
-        "policy_set", "layout", "mode", "video", "pruning", "timing_ms",
+        "policy_set", "layout", "mode", "video", "pruning", "timing_ms", "policy_version",
+        "policy_hash", "calibrated", "warnings",
     }
     assert set(data["timing_ms"]) == {"decode_video", "prefill", "verdict", "generate", "total"}
     assert data["description"] is None and data["explanation"] is None

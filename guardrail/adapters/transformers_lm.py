@@ -12,6 +12,7 @@ from transformers import DynamicCache
 
 from guardrail.adapters.attention import AttentionCapture
 from guardrail.layout import Visibility
+from guardrail.tiny import TEST_MODEL_KEY, TEST_MODEL_WARNING
 
 _SENTINEL = "\u2063GUARDRAIL_MESSAGE\u2063"
 
@@ -34,6 +35,9 @@ class TransformersAdapter:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._lm_params = set(params)
         self.capture = AttentionCapture(self._lm, attn)
+        # what every verdict of this model must carry
+        self.warnings = ((TEST_MODEL_WARNING,) if getattr(model.config, TEST_MODEL_KEY, False)
+                         else ())
 
     @property
     def device(self) -> torch.device:
