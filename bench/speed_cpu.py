@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with C.forced_length(adapter):
         times = C.median_times({c.name: measured(c) for c in cases}, args.repeats, "cpu", log=log)
-    table = render(cases, times, counts, kept, stages) + "\n" + costs
+    table = (render(cases, times, counts, kept, stages) + "\n" + costs + "\n## The last two "
+             "tables\n\n" + step_costs.__doc__.split("\n\n", 1)[1])
     print(table)
     if args.out:
         with open(args.out, "w") as f:
@@ -199,8 +200,7 @@ def header(args, model, seconds: float) -> str:
         "Stage columns, ms per video (medians): `prep` = processor + rope index "
         "(timing_ms.decode_video; videos are pre-decoded), `enc` = visual encoder (hook), "
         "`prefill` = timing_ms.prefill minus enc, `verdict`, `generate` from timing_ms. "
-        "`pc` = parallel_cached. The second and third tables: "
-        + step_costs.__doc__.split("\n\n", 1)[1].replace("\n", " ") + "\n\n")
+        "`pc` = parallel_cached. The last two tables are explained under them.\n\n")
 
 
 if __name__ == "__main__":
