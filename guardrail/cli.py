@@ -67,14 +67,26 @@ def policy_render(
     if style not in STYLES:
         raise UsageError(f"unknown prompt style {style!r}; choose one of {', '.join(STYLES)}")
     prompt = build_prompt(load_policy(file), style=style)
+    # NOTE: the texts go to stdout as they are (never through rich, which rewraps lines at the
+    # terminal width): what is printed is what the model reads, byte for byte.
     for i, chunk in enumerate(prompt.chunks, 1):
-        out.rule(f"chunk {i}/{len(prompt.chunks)}: {prompt.keys[i - 1]}", style="dim")
-        out.print(chunk, end="", markup=False)
-    out.rule(f"full prompt ({layout})", style="dim")
-    out.print(render_prompt(prompt, layout), end="", markup=False)
-    out.rule("verdict probes (one per category, parallel, at the answer position)", style="dim")
+        _rule(f"chunk {i}/{len(prompt.chunks)}: {prompt.keys[i - 1]}")
+        _exact(chunk)
+    _rule(f"full prompt ({layout})")
+    _exact(render_prompt(prompt, layout))
+    _rule("verdict probes (one per category, parallel, at the answer position)")
     for probe in prompt.probes:
-        out.print(probe, markup=False)
+        _exact(probe + "\n")
+
+
+def _rule(title: str) -> None:
+    out.file.flush()
+    sys.stdout.write(f"----- {title} -----\n")
+
+
+def _exact(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------------- video

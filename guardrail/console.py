@@ -12,8 +12,9 @@ from rich.console import Console
 
 from guardrail.errors import GuardrailError
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# soft_wrap: lines are never rewrapped at the terminal width (piped output is 80 columns)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
 
 
 def fail(error: GuardrailError, where: str | None = None) -> typer.Exit:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,23 @@ def test_policy_render(layout):
     assert res.exit_code == 0
     assert res.stdout.count("<box>") == 12  # six chunks, then the six again in the full prompt
     assert 'GUARDRAIL: {"C3(Threats, Violence & Harm)":' in res.stdout
+
+
+def test_policy_render_prints_the_exact_prompt_unwrapped(tmp_path):
+    from guardrail.policy import load_policy
+    from guardrail.prompt import build_prompt, render_prompt
+
+    long_rule = "Footage that " + "shows a very specific and lengthy situation " * 8 + "end."
+    policy = tmp_path / "long.yaml"
+    policy.write_text(f"name: long\nversion: 1\ncategories:\n"
+                      f"  - {{id: L1, name: Long, blocked: [{json.dumps(long_rule)}]}}\n")
+    got = subprocess.run([sys.executable, "-c", "from guardrail.cli import main; main()",
+                          "policy", "render", str(policy)], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "40"}, timeout=120)
+    assert got.returncode == 0, got.stderr
+    prompt = build_prompt(load_policy(policy))
+    assert render_prompt(prompt, "parallel") in got.stdout       # byte for byte, one piece
+    assert long_rule in got.stdout and all(c in got.stdout for c in prompt.chunks)
 
 
 def test_video_probe_json(video_files):
