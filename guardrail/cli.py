@@ -192,7 +192,7 @@ def check(
     """Judge each video against the policy set; print one verdict per video, in order."""
     from guardrail.engine import GuardEngine
     from guardrail.policy import load_policies
-    from guardrail.video import SamplingConfig, load_video
+    from guardrail.video import SamplingConfig, load_media
 
     quiet_transformers()
     sampling = SamplingConfig(num_frames=frames, window_s=window)
@@ -212,7 +212,7 @@ def check(
             decoded = []
             for path in videos[start: start + batch_size]:
                 try:
-                    decoded.append((path, load_video(path, sampling, engine.config.limits,
+                    decoded.append((path, load_media(path, sampling, engine.config.limits,
                                                      decoder)))
                 except VideoError as error:
                     bad += 1

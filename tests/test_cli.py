@@ -207,3 +207,15 @@ def test_policy_hash_follows_content_not_formatting(tmp_path):
     base = load_policy(ROOT / "policies" / "weapons.yaml").content_hash
     assert load_policy(reformatted).content_hash == base
     assert load_policy(changed).content_hash != base
+
+
+def test_check_accepts_a_still_image_as_a_one_frame_video(tmp_path, tiny_model, video_files):
+    import videos
+
+    png = tmp_path / "still.png"
+    png.write_bytes(videos.encode_png())
+    got = run("check", png, video_files["gif"], "--model", tiny_model(), "--json")
+    assert got.exit_code == 0, got.output
+    still, gif = (Verdict.model_validate_json(line) for line in got.stdout.splitlines())
+    assert still.video.frames_used == 1 and still.video.duration_s == 1.0
+    assert gif.video.frames_used == 8                         # an animated GIF stays a video

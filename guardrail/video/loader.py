@@ -1,14 +1,16 @@
 """`Video`s from inputs: `probe` (metadata only), `load_video` (validate, pick a decoder, decode
-the sampled frames of every window) and `image_as_video` (one still image as a one-frame video).
+the sampled frames of every window), `image_as_video` (one still image as a one-frame video) and
+`load_media` (a file that is either).
 """
 
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import replace
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from guardrail.errors import UnsupportedVideoError, VideoError, VideoTooLargeError
 from guardrail.video.decoders import DECODERS, FrameDecoder, _backends
@@ -48,6 +50,25 @@ def load_video(source: VideoSource, sampling: SamplingConfig = _DEFAULT_SAMPLING
     """Decode the frames `sampling` picks in each window. `auto` tries decord, then PyAV if
     decord cannot open or decode the video. Frames shared by overlapping windows decode once."""
     return _load(source, sampling, limits, backend)
+
+
+def load_media(path: str | os.PathLike, sampling: SamplingConfig = _DEFAULT_SAMPLING,
+               limits: VideoLimits = _DEFAULT_LIMITS, backend: str = "auto") -> Video:
+    """A file that may be a video or a still image: a still image (one frame Pillow reads, an
+    animated GIF or WebP is a video) becomes a one-frame video, as the server treats it."""
+    if _is_still_image(path):
+        with open(path, "rb") as f:
+            data = f.read(limits.max_bytes + 1)
+        return image_as_video(data, limits)
+    return load_video(path, sampling, limits, backend)
+
+
+def _is_still_image(path: str | os.PathLike) -> bool:
+    try:
+        with Image.open(path) as img:
+            return img.format != "GIF" and getattr(img, "n_frames", 1) == 1
+    except (UnidentifiedImageError, OSError, ValueError):
+        return False
 
 
 def image_as_video(image: np.ndarray | bytes, limits: VideoLimits = _DEFAULT_LIMITS
