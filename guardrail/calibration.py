@@ -233,6 +233,30 @@ def fit(scores: np.ndarray, labels: np.ndarray, category_ids: Sequence[str],
                        info)
 
 
+SMALL_SPLIT = 30     # fewer labelled videos than this: a fit says it is unreliable
+
+
+def fit_warnings(cal: Calibration) -> list[str]:
+    """What an author should know about a fit: too few videos, categories left unfitted
+    (a class missing), and slopes pinned at their bound (the fit could not find signal)."""
+    out = []
+    if cal.n_videos < SMALL_SPLIT:
+        out.append(f"only {cal.n_videos} labelled videos: a calibration fitted on fewer than "
+                   f"{SMALL_SPLIT} is unreliable")
+    for cid, counts in cal.info.items():
+        n, pos = counts["n"], counts["n_pos"]
+        scaling = cal.scalings.get(cid, Scaling())
+        if pos < MIN_PER_CLASS or n - pos < MIN_PER_CLASS:
+            out.append(f"{cid}: not fitted ({pos} positive, {n - pos} negative; needs at least "
+                       f"{MIN_PER_CLASS} of each), scores pass through unchanged")
+        elif min(abs(math.log(scaling.a / A_MIN)), abs(math.log(scaling.a / A_MAX))) < 0.05:
+            out.append(f"{cid}: the fitted slope sits at its bound (a = {scaling.a:.3g}, "
+                       f"temperature {1 / scaling.a:.3g}); "
+                       + ("scores are flattened towards 0.5: they carry no signal on this split"
+                          if scaling.a <= A_MIN * 1.06 else "scores are pushed to 0 or 1"))
+    return out
+
+
 # ----------------------------------------------------------------------------- files
 
 def save(cal: Calibration, path: str | os.PathLike) -> Path:

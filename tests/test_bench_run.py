@@ -116,7 +116,15 @@ def test_bench_run_end_to_end(model, dataset, local_run, tmp_path):
                                            str(model), "--out", str(out), "--device", "cpu"])
     assert again.exit_code == 0, again.output
     assert "judged 0 videos, 2 failed, 4 already done" in again.stderr
-    assert json.loads((out / "metrics.json").read_text())["safewatch"] == m["safewatch"]
+    m2 = json.loads((out / "metrics.json").read_text())
+    assert m2["safewatch"] == m["safewatch"]
+    # throughput: judged videos only (4, not the 2 failed), unchanged by the no-op resume
+    assert m["throughput"]["videos_timed"] == 4
+    assert m2["throughput"] == m["throughput"]
+    # scored later without the dataset, the run's failure list still counts
+    rescored = _score(out)
+    assert rescored["n_failed"] == 2
+    assert {f["video_path"] for f in rescored["failed"]} == failed.keys()
 
 
 def test_resume_after_a_cut_file(model, dataset, local_run, tmp_path):

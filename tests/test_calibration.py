@@ -146,9 +146,41 @@ def test_bench_calibrate_command(tmp_path):
     assert fitted.policy_set == "test" and fitted.method == "temperature"
     assert fitted.ece_after < fitted.ece_before / 2
     assert f"ECE {fitted.ece_before:.4f} -> {fitted.ece_after:.4f}" in res.stdout
+    n_pos = int(labels[:, 0].sum())
+    assert f"C1: 600 labelled videos, {n_pos} positive, {600 - n_pos} negative" in res.stdout
+    assert "warning" not in res.stderr
+    # ten videos: the command says the split is too small
+    small = tmp_path / "small" / "predictions.jsonl"
+    small.parent.mkdir()
+    small.write_text("".join(json.dumps(x) + "\n" for x in lines[:10]))
+    res10 = CliRunner().invoke(bench_app, ["calibrate", "--predictions", str(small), "--out",
+                                           str(tmp_path / "small.json")])
+    assert res10.exit_code == 0 and "warning: only 10 labelled videos" in res10.stderr
     # Scoring with the file applies it: the ECE in metrics.json is the calibrated one.
     res = CliRunner().invoke(bench_app, ["score", "--predictions", str(preds), "--out",
                                          str(tmp_path / "scored"), "--calibration", str(path)])
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "scored/metrics.json").read_text())
     assert m["calibration"]["ece"] == pytest.approx(fitted.ece_after, abs=1e-9)
+
+
+def test_fit_warnings_name_small_splits_unfitted_categories_and_pinned_slopes():
+    from guardrail.calibration import A_MIN, fit, fit_warnings
+
+    rng = np.random.default_rng(0)
+    n = 12
+    labels = np.stack([rng.uniform(size=n) < 0.5, np.zeros(n, bool)], axis=1).astype(int)
+    labels[:2, 0] = [0, 1]
+    # C1 scores say the opposite of the labels half the time: no signal, the slope hits A_MIN
+    scores = np.stack([np.where(rng.uniform(size=n) < 0.5, 0.99, 0.01), np.full(n, 0.3)], axis=1)
+    cal = fit(scores, labels, ["C1", "C2"], "temperature")
+    got = fit_warnings(cal)
+    assert any(w.startswith("only 12 labelled videos") for w in got)
+    assert any(w.startswith("C2: not fitted (0 positive, 12 negative") for w in got)
+    pinned = [w for w in got if w.startswith("C1: the fitted slope sits at its bound")]
+    assert cal.scalings["C1"].a == pytest.approx(A_MIN, rel=0.06) and pinned, got
+    # a real split with signal: no warnings
+    big = 400
+    y = (rng.uniform(size=(big, 1)) < 0.3).astype(int)
+    s = np.clip(np.where(y > 0, 0.7, 0.3) + rng.normal(0, 0.1, size=y.shape), 0.01, 0.99)
+    assert fit_warnings(fit(s, y, ["C1"], "temperature")) == []

@@ -132,6 +132,11 @@ def bench_calibrate(
     out.print(f"{method} calibration of {len(rows.category_ids)} categories on "
               f"{cal.n_videos} videos: ECE {cal.ece_before:.4f} -> {cal.ece_after:.4f}; "
               f"wrote {path}", markup=False)
+    for cid, counts in cal.info.items():
+        out.print(f"  {cid}: {counts['n']} labelled videos, {counts['n_pos']} positive, "
+                  f"{counts['n'] - counts['n_pos']} negative", markup=False)
+    for warning in cal_mod.fit_warnings(cal):
+        err.print(f"warning: {warning}", markup=False)
 
 
 # ----------------------------------------------------------------------------- helpers

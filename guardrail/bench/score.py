@@ -59,6 +59,12 @@ def score(predictions_file: str | os.PathLike, dataset: Dataset | None = None,
             error = failures.get(item.video_path, {}).get("error") or {
                 "type": "no_prediction", "message": "no prediction for this video"}
             failed.append({"video_path": item.video_path, "error": error})
+    # without a dataset, the run's own failure list says what failed (a later success wins)
+    for video_path, line in failures.items():
+        if (video_path not in seen and video_path not in preds
+                and (only is None or video_path in only)):
+            seen.add(video_path)
+            failed.append({"video_path": video_path, "error": line.get("error")})
     metrics["n_failed"] = len(failed)
     metrics["failed"] = failed
     metrics["n_skipped_lines"] = bad
@@ -81,11 +87,12 @@ def run_name(path: Path) -> str:
 
 
 def throughput(run: dict, preds: list[Prediction]) -> dict:
-    """Videos per second of judging wall time over all sessions of the run; without a run record,
-    1 / mean engine latency. Plus mean per-stage latency from the verdicts."""
-    sessions = run.get("sessions", [])
+    """Judged videos per second of judging wall time, over the sessions of the run that judged
+    something (a resume with nothing left adds nothing); failed videos are not throughput.
+    Without a run record, 1 / mean engine latency. Plus mean per-stage latency."""
+    sessions = [s for s in run.get("sessions", []) if s.get("judged", 0) > 0]
     wall = sum(s.get("elapsed_s", 0.0) for s in sessions)
-    n = sum(s.get("judged", 0) + s.get("failed", 0) for s in sessions)
+    n = sum(s["judged"] for s in sessions)
     stages = ("decode_video", "prefill", "verdict", "generate", "total")
     mean_ms = {k: (float(np.mean([getattr(p.verdict.timing_ms, k) for p in preds]))
                    if preds else 0.0) for k in stages}
