@@ -49,13 +49,37 @@ def test_overrides_and_bad_configs(tmp_path):
     assert cfg.settings.jobs.db_path == str(tmp_path / "j.sqlite")
     bad = tmp_path / "bad.yaml"
     bad.write_text("applications:\n  - import_path: x:y\n    args: {frames: 0}\n")
-    with pytest.raises(UsageError, match="bad.yaml: args: .*frames"):
+    with pytest.raises(UsageError, match=r"bad.yaml:3: applications\[0\].args.frames: "):
         load_config(bad)
     bad.write_text("applications: 3\n")
-    with pytest.raises(UsageError, match="not a usable Serve config"):
+    with pytest.raises(UsageError, match="bad.yaml:1: applications: .*list"):
         load_config(bad)
-    with pytest.raises(UsageError, match="not a usable Serve config"):
+    with pytest.raises(UsageError, match="cannot read the Serve config"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_unknown_keys_anywhere_in_the_serve_file_name_key_and_line(tmp_path):
+    text = (ROOT / "deploy" / "serve.yaml").read_text()
+    lines = text.splitlines()
+    typos = {"http_options:": "http_option:", "      frames: 8": "      frame: 8",
+             "        max_upload_bytes:": "        max_upload:",
+             "        num_replicas: 1": "        num_replica: 1"}
+    for right, wrong in typos.items():
+        bad = tmp_path / "typo.yaml"
+        bad.write_text(text.replace(right, wrong, 1))
+        line = next(i for i, x in enumerate(lines, 1) if x.startswith(right))
+        with pytest.raises(UsageError) as got:
+            load_config(bad)
+        message = str(got.value)
+        key = wrong.strip().rstrip(":").split(":")[0]
+        assert message.startswith(f"{bad}:{line}: ") and f"{key}: unknown key" in message, message
+        assert "did you mean" in message and "://" not in message
+        assert "\n" not in message and "pydantic" not in message
+    bad.write_text(text.replace("      frames: 8", "      frames: many", 1))
+    with pytest.raises(UsageError) as got:
+        load_config(bad)
+    assert "applications[0].args.frames: Input should be a valid integer" in str(got.value)
+    assert "errors.pydantic.dev" not in str(got.value)
 
 
 def test_refuses_other_interfaces_without_keys(monkeypatch):

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
 from guardrail.errors import ModelError, UsageError
+from guardrail.serve.config_keys import explain, read_checked
 from guardrail.serve.settings import ServiceSettings
 from guardrail.shipped import shipped
 
@@ -107,12 +107,18 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Serv
 
     source = Path(path) if path is not None else DEFAULT_CONFIG
     raw: dict[str, Any] = {}
+    lines: dict = {}
     if path is not None or source.exists():
         try:
-            raw = yaml.safe_load(source.read_text()) or {}
+            text = source.read_text()
+        except OSError as err:
+            raise UsageError(f"{source}: cannot read the Serve config ({_first_line(err)})") \
+                from None
+        raw, lines = read_checked(text, str(source))      # unknown keys: one line each
+        try:
             schema = ServeDeploySchema.model_validate(raw)
-        except (OSError, yaml.YAMLError, ValueError) as err:
-            raise UsageError(f"{source}: not a usable Serve config ({_first_line(err)})") from None
+        except ValueError as err:
+            raise UsageError(explain(err, str(source), lines)) from None
         if len(schema.applications) != 1:
             raise UsageError(f"{source}: expected exactly one application")
     apps = raw.get("applications") or [{}]
@@ -134,7 +140,8 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Serv
     try:
         settings = ServiceSettings.model_validate(args)
     except ValueError as err:
-        raise UsageError(f"{source}: args: {_first_line(err)}") from None
+        raise UsageError(explain(err, str(source), lines, ("applications", 0, "args"))) \
+            from None
     deployments = {d["name"]: {k: v for k, v in d.items() if k != "name"}
                    for d in app.get("deployments") or []}
     return ServeConfig(host, port, {**http, "host": host, "port": port},
