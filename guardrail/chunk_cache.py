@@ -1,4 +1,4 @@
-"""A bounded, thread-safe LRU of policy-chunk KV, shared across requests (SPEC §4.1
+"""A bounded, thread-safe LRU of policy-chunk KV, shared across requests (see
 `parallel_cached`).
 
 Under `parallel_cached` the KV of the system prefix and of each policy chunk depends only on the

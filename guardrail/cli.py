@@ -1,4 +1,4 @@
-"""The `guardrail` command line (SPEC §5). Exit codes: 0 ran, 2 bad usage or policy, 3 bad video.
+"""The `guardrail` command line. Exit codes: 0 ran, 2 bad usage or policy, 3 bad video.
 
 Every command turns a `GuardrailError` into one line on stderr and its exit code; nothing a
 user can cause ends in a traceback."""
@@ -168,7 +168,7 @@ def check(
     model: Annotated[str | None, typer.Option(
         help="Model directory or hub id (default: $GUARDRAIL_MODEL or Qwen2.5-VL-7B).")] = None,
     policy: Annotated[list[Path] | None, typer.Option(
-        help="Policy YAML; repeat to combine sets (default policies/safewatch.yaml).")] = None,
+        help="Policy YAML; repeat to combine sets (default: the shipped safewatch set).")] = None,
     mode: Annotated[str, typer.Option(help="fast | explain | explain_flagged")] = "fast",
     layout: Annotated[str, typer.Option(help=f"One of {', '.join(LAYOUTS)}.")] = "parallel",
     prompt_style: Annotated[str, typer.Option(
@@ -179,7 +179,8 @@ def check(
     frames: Annotated[int, typer.Option(help="Frames per window.")] = 8,
     window: Annotated[float | None, typer.Option(
         help="Judge long videos in windows of this many seconds.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    batch_size: Annotated[int, typer.Option(
+        help="Windows judged together in one forward pass, over all the videos given.")] = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Bound on generated tokens.")] = 256,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:i]")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
@@ -238,7 +239,7 @@ def serve_cmd(
     host: Annotated[str | None, typer.Option(help="Interface (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
 ):
-    """Start the HTTP service (SPEC §6) on a local Ray; ready when GET /healthz answers 200."""
+    """Start the HTTP service on a local Ray; ready when GET /healthz answers 200."""
     from guardrail.serve.command import serve
 
     quiet_transformers()

@@ -1,5 +1,5 @@
 """Text after the verdict: greedy decoding over the prefilled KV caches of a batch, every row
-held to the output skeleton so the answer always parses (SPEC §4.4 `explain`).
+held to the output skeleton so the answer always parses (`explain` mode).
 
     DESCRIPTION: <generated, one line>
     GUARDRAIL: <the fast verdict, forced>

@@ -1,4 +1,4 @@
-"""The engine: videos + a policy set in, `Verdict`s out (SPEC §4). Public API:
+"""The engine: videos + a policy set in, `Verdict`s out. Public API:
 
     engine = GuardEngine.from_pretrained("/tmp/m", policies="policies/safewatch.yaml",
                                          layout="parallel", mode="fast")

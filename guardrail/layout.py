@@ -1,4 +1,4 @@
-"""Where every prompt token sits and what it may attend to (SPEC §4.1). Pure tensor math.
+"""Where every prompt token sits and what it may attend to. Pure tensor math.
 
 A prompt is a list of *groups*; a group is one or more *segments* (runs of tokens). Segments of
 one group are parallel siblings: they all start at the same position and cannot see each other

@@ -1,4 +1,4 @@
-"""Policy sets: the YAML of SPEC §2 as frozen pydantic models, a safe loader, and policy chunks.
+"""Policy sets: the policy YAML as frozen pydantic models, a safe loader, and policy chunks.
 
 `load_policy(path)` reads one policy set. Loading composes the YAML node tree with a SafeLoader
 (no object construction), builds plain Python values and a map from key paths such as
@@ -7,7 +7,7 @@ pydantic. Every problem in a file is reported at once, sorted by line, as one `P
 messages read `policies/x.yaml:12: categories[3].threshold: must be in (0, 1)`.
 
 `render_chunk(category)` turns a category into its policy chunk: one SafeWatch-style
-`<box>…</box>` block, the unit the engine encodes in parallel (SPEC §4.1).
+`<box>…</box>` block, the unit the engine encodes in parallel.
 """
 
 from __future__ import annotations

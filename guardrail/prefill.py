@@ -1,5 +1,5 @@
 """The prefill step of a batch: the cached policy prefix (`parallel_cached`) and the prompt's
-forward pass, with policy-aware pruning of video tokens (SPEC §4.3) before or after it."""
+forward pass, with policy-aware pruning of video tokens before or after it."""
 
 from __future__ import annotations
 

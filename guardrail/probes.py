@@ -1,4 +1,4 @@
-"""Verdict probes (SPEC §4.4): the answer line up to a category's key, whose next token says
+"""Verdict probes: the answer line up to a category's key, whose next token says
 ` true` or ` false`. Score = P(true) / (P(true) + P(false)) = sigmoid(logit_true - logit_false)."""
 
 from __future__ import annotations

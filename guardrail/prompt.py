@@ -1,8 +1,8 @@
-"""The text of the guardrail prompt, split into the segments the engine lays out (SPEC §4.1).
+"""The text of the guardrail prompt, split into the segments the engine lays out.
 
 Segments: `S` (role, tasks, category list), `V` (video, inserted by the engine), `P_1..P_m` (one
-policy chunk per category), `Q` (output instructions), then one verdict probe per category
-(SPEC §4.4). This module builds plain text only: no chat template and no video tokens; the model
+policy chunk per category), `Q` (output instructions), then one verdict probe per category.
+This module builds plain text only: no chat template and no video tokens; the model
 adapter wraps the text in its chat template. The wording paraphrases SafeWatch's prompt
 (`reference/safewatch.md`). Every segment ends with a newline, so segments concatenate as they are.
 
@@ -70,7 +70,7 @@ def build_prompt(policies: PolicySet, style: str = "default") -> PromptText:
 
 
 def prompt_segments(prompt: PromptText, layout: str) -> tuple[Segment, ...]:
-    """Segments in the order `layout` puts them (SPEC §4.1); probes are not included.
+    """Segments in the order `layout` puts them; probes are not included.
 
     The explanations header and footer must sit right before and after the chunks, which are
     parallel, so they join the sequential segment next to them: the video segment carries text
@@ -106,7 +106,7 @@ def check_layout(layout: str) -> str:
 def _canonical(policies: PolicySet) -> list:
     """Categories sorted by id, for the text that lists them all (S and Q). Those segments are
     shared by every chunk and probe, so listing in YAML order would make the verdict depend on
-    the order of the file, which PEPE exists to prevent (SPEC §4.2 invariant 1)."""
+    the order of the file, which PEPE exists to prevent."""
     return sorted(policies.categories, key=lambda c: c.id)
 
 

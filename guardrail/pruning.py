@@ -1,4 +1,4 @@
-"""Policy-aware visual token pruning (PVTP, SPEC §4.3). Pure tensor math, no model state.
+"""Policy-aware visual token pruning (PVTP). Pure tensor math, no model state.
 
 Relevance of video token j to policy i is a number per (i, j); the kept set is the union of
 every policy's top-k video tokens, with k chosen so that the union holds ceil(keep_ratio * N)

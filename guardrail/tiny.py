@@ -1,5 +1,4 @@
-"""Tiny randomly initialised Qwen-VL and InternVL checkpoints for smoke tests, CI and dry runs
-(SPEC §4.6).
+"""Tiny randomly initialised Qwen-VL and InternVL checkpoints for smoke tests, CI and dry runs.
 
 `make_tiny(DIR, family)` writes a directory that `AutoModelForImageTextToText.from_pretrained`
 and `AutoProcessor.from_pretrained` load offline: a few-million-parameter model of the real

@@ -1,4 +1,4 @@
-"""The verdict a moderator gets back (SPEC §4.5), and a fail-closed parser of SafeWatch's answers.
+"""The verdict a moderator gets back, and a fail-closed parser of SafeWatch's answers.
 
 `Verdict` is the one output type of the engine: the CLI prints it, the HTTP service returns it,
 the bench writes it. `parse_answer` reads the free-text format SafeWatch-style models generate:
@@ -40,37 +40,45 @@ class Segment(_Schema):
 
 
 class VideoSummary(_Schema):
-    duration_s: float = Field(ge=0.0)
+    duration_s: float = Field(ge=0.0, description="Length of the video in seconds (1.0 for a "
+                              "still image).")
     frames_used: int = Field(ge=0, description="Frames the model saw, over all windows.")
 
 
 class Pruning(_Schema):
-    keep_ratio: float = Field(gt=0.0, le=1.0)
-    kept_tokens: int = Field(ge=0)
-    total_tokens: int = Field(ge=0)
+    keep_ratio: float = Field(gt=0.0, le=1.0, description="Share of video tokens kept "
+                              "(1.0: pruning off).")
+    kept_tokens: int = Field(ge=0, description="Video tokens the model attended to, over all "
+                             "windows.")
+    total_tokens: int = Field(ge=0, description="Video tokens before pruning.")
 
 
 class Timing(_Schema):
-    decode_video: float = 0.0
-    prefill: float = 0.0
-    verdict: float = 0.0
-    generate: float = 0.0
-    total: float = 0.0
+    decode_video: float = Field(0.0, description="Decoding and preparing the frames.")
+    prefill: float = Field(0.0, description="Visual encoder and prompt prefill.")
+    verdict: float = Field(0.0, description="Reading every category's score.")
+    generate: float = Field(0.0, description="Generating the description and explanation "
+                            "(0 in fast mode).")
+    total: float = Field(0.0, description="Wall time for this video (a batch's time is shared "
+                         "among its videos).")
 
 
 class Verdict(_Schema):
     flagged: bool = Field(description="True when any category is flagged.")
     categories: list[CategoryVerdict] = Field(description="Every category, in the set's order.")
-    description: str | None = Field(default=None, description="None in fast mode.")
-    explanation: str | None = Field(default=None, description="None in fast mode.")
-    segments: list[Segment] = Field(default_factory=list)
-    model: str
-    policy_set: str
-    layout: str
-    mode: Mode
-    video: VideoSummary
-    pruning: Pruning
-    timing_ms: Timing = Field(default_factory=Timing)
+    description: str | None = Field(default=None, description="What the video shows, in the "
+                                    "model's words; null in fast mode.")
+    explanation: str | None = Field(default=None, description="Why the flagged categories were "
+                                    "flagged; null in fast mode.")
+    segments: list[Segment] = Field(default_factory=list, description="One per window, in "
+                                    "time order; a category's score is its maximum over them.")
+    model: str = Field(description="The model that judged (its directory or hub id).")
+    policy_set: str = Field(description="Name of the policy set.")
+    layout: str = Field(description="Prompt layout: sequential, parallel or parallel_cached.")
+    mode: Mode = Field(description="fast, explain or explain_flagged.")
+    video: VideoSummary = Field(description="What was judged.")
+    pruning: Pruning = Field(description="Policy-aware pruning of video tokens.")
+    timing_ms: Timing = Field(default_factory=Timing, description="Milliseconds per stage.")
     policy_version: int | None = Field(default=None, description="Version of the policy set.")
     policy_hash: str | None = Field(default=None, description="sha256 of the policy set's "
                                     "canonical content: exactly which policy judged.")
@@ -110,7 +118,7 @@ def build_verdict(policies: Any, thresholds: list[float], video: Any,
                   text: Any, *, model: str, layout: str, mode: str, keep_ratio: float,
                   decode_ms: float, generate_ms: float, total_ms: float, calibrated: bool = False,
                   warnings: tuple[str, ...] = ()) -> Verdict:
-    """The SPEC §4.5 verdict of one video from its windows (in time order)."""
+    """The verdict of one video from its windows (in time order)."""
     cats = policies.categories
     categories = [
         CategoryVerdict(id=c.id, name=c.name, flagged=f, score=s, threshold=t)

@@ -1,6 +1,6 @@
 """The language model's attention backend, chosen once: how a step's `Visibility` (per-token
 vectors on the device) becomes the backend's mask, and a look at one layer's attention during a
-forward pass (for pruning, SPEC §4.3).
+forward pass (for pruning).
 
 Backends: `sdpa` and `eager` take an additive float mask built on the device from the vectors;
 `flex_attention` takes a FlexAttention `BlockMask` whose `mask_mod` reads the same vectors (the

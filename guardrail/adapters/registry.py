@@ -1,4 +1,4 @@
-"""Model family registry and the one place models are loaded (SPEC §4.6)."""
+"""Model family registry and the one place models are loaded."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Offline benchmark (SPEC §7): run an engine over a labelled video set, score it, report it.
+"""Offline benchmark: run an engine over a labelled video set, score it, report it.
 
 Stages, in data-flow order: `datasets` (SafeWatch-Bench folders, JSONL manifests) -> `runner`
 (verdicts appended to predictions.jsonl, resumable, optionally on Ray) -> `predictions` (read back

@@ -1,4 +1,4 @@
-"""`guardrail bench run | score | calibrate` (SPEC §5, §7): a typer sub-app mounted by cli.py.
+"""`guardrail bench run | score | calibrate`: a typer sub-app mounted by cli.py.
 
 Exit codes as elsewhere: 0 ran (failed videos are reported, not fatal), 2 bad usage."""
 

@@ -1,4 +1,4 @@
-"""Labelled video sets (SPEC §7): SafeWatch-Bench's folder layout and a generic JSONL manifest.
+"""Labelled video sets: SafeWatch-Bench's folder layout and a generic JSONL manifest.
 
 SafeWatch-Bench: `<root>/{real,genai}/C<n>/<subcategory>_benchmark.json`, each a JSON list of
 `{"video_path": "real/videos/C1/evident_benchmark/x.mp4", "labels": [1, 3], ...}`; integer label n

@@ -1,4 +1,4 @@
-"""Benchmark metrics (SPEC §7): pure functions of labels, flags and scores; no I/O.
+"""Benchmark metrics: pure functions of labels, flags and scores; no I/O.
 
 `evaluate(EvalSet)` returns the nested dict that becomes `metrics.json`. SafeWatch's three numbers
 follow its public evaluation code (reference/safewatch.md §Metrics): exact-match ACC averaged per
@@ -171,7 +171,7 @@ def _nanmean(values: list[float]) -> float:
 # ----------------------------------------------------------------------------- everything
 
 def evaluate(ev: EvalSet, bins: int = 10) -> dict:
-    """The metrics of SPEC §7 (without `n_failed` and `throughput`, which need the run)."""
+    """The benchmark metrics (without `n_failed` and `throughput`, which need the run)."""
     y, pred = ev.matrix(ev.labels), ev.matrix(ev.flagged)                    # [n, m]
     sw, table = safewatch(ev)
     per_category, totals, supported = {}, np.zeros(4, int), []

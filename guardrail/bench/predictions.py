@@ -2,7 +2,7 @@
 tolerantly (a run killed mid-write leaves a truncated last line), and joined with a dataset into
 the rows that `metrics.evaluate` scores.
 
-A predictions line is one SPEC §4.5 verdict plus `video_path` (as the dataset names the video) and
+A predictions line is one verdict plus `video_path` (as the dataset names the video) and
 `labels` (category ids, benign = []). A failed line is `{"video_path", "labels", "error":
 {"type", "message"}}`.
 """

@@ -1,4 +1,4 @@
-"""Score a predictions file against a dataset: `metrics.json` (SPEC §7 keys) and `report.md`.
+"""Score a predictions file against a dataset: `metrics.json` (docs/bench.md) and `report.md`.
 
 Videos of the dataset without a prediction are reported, not fatal: `n_failed` counts them and
 `failed` lists them with the error recorded in `failed.jsonl` (or "no prediction"); the metrics

@@ -1,4 +1,4 @@
-"""The moderation HTTP service (SPEC §6): FastAPI over the engine, on Ray Serve.
+"""The moderation HTTP service: FastAPI over the engine, on Ray Serve.
 
     settings.py  ServiceSettings: the `args` of deploy/serve.yaml
     schemas.py   request / response bodies

@@ -1,4 +1,4 @@
-"""The HTTP API (SPEC §6.1) as a FastAPI app over a `Judge`.
+"""The HTTP API as a FastAPI app over a `Judge`.
 
     app = create_app(LocalJudge(engine), settings)      # in-process (tests, dev)
     # or, on Ray Serve, the ingress deployment builds it over the model deployment's handle.

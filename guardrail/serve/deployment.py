@@ -1,4 +1,4 @@
-"""Ray Serve deployments (SPEC §6.3): a CPU ingress and a model deployment.
+"""Ray Serve deployments: a CPU ingress and a model deployment.
 
     GuardIngress (FastAPI: uploads, validation, decoding)  --handle-->  GuardModel (one engine)
 

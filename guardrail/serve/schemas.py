@@ -1,4 +1,4 @@
-"""Request and response bodies of the HTTP API (SPEC §6.1). The verdict is `guardrail.verdict`."""
+"""Request and response bodies of the HTTP API. The verdict is `guardrail.verdict`."""
 
 from __future__ import annotations
 
