@@ -207,7 +207,7 @@ def check(
         sampling=sampling, max_new_tokens=max_new_tokens, decoder=decoder,
         calibration=calibration)
     bad = 0
-    with ProgressBar(enabled=not as_json and sys.stderr.isatty() and len(videos) > 1) as bar:
+    with ProgressBar(enabled=sys.stderr.isatty()) as bar:     # stderr: JSON lines stay clean
         bar.start(len(videos))
         for start in range(0, len(videos), batch_size):
             decoded = []
@@ -217,15 +217,20 @@ def check(
                                                      decoder)))
                 except VideoError as error:
                     bad += 1
-                    fail(error, str(path))
+                    with bar.aside():
+                        fail(error, str(path))
                     bar.step()
-            verdicts = engine.check_batch([v for _, v in decoded]) if decoded else []
-            for (path, _), verdict in zip(decoded, verdicts, strict=True):
-                bar.step()
-                if as_json:
-                    print(verdict.model_dump_json(), flush=True)
-                else:
-                    _print_verdict(path, verdict)
+            if not decoded:
+                continue
+            verdicts = engine.check_batch([v for _, v in decoded],
+                                          progress=bar.tracker(len(decoded)))
+            bar.step(len(decoded))
+            with bar.aside():
+                for (path, _), verdict in zip(decoded, verdicts, strict=True):
+                    if as_json:
+                        print(verdict.model_dump_json(), flush=True)
+                    else:
+                        _print_verdict(path, verdict)
     if bad:
         raise typer.Exit(VideoError.exit_code)
 

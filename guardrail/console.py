@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import typer
 from rich.console import Console
@@ -37,30 +39,78 @@ def guarded(fn):
 
 
 class ProgressBar:
-    """A transient rich progress bar on stderr when `enabled`; silent otherwise.
+    """A transient rich progress bar on stderr when `enabled`; silent otherwise. It counts
+    videos, advances per window as the engine reports them, shows the stage (judging,
+    explaining) with a spinner, and steps aside while results are printed.
 
         with ProgressBar(enabled) as bar:
             bar.start(total, "judging")
-            ... bar.step()
+            verdicts = engine.check_batch(videos, progress=bar.tracker(len(videos)))
+            with bar.aside():
+                out.print(...)
     """
 
     def __init__(self, enabled: bool):
         self.enabled, self.bar, self.task = enabled, None, None
+        self.description, self.completed = "", 0.0
 
     def __enter__(self) -> ProgressBar:
         return self
 
     def start(self, total: int, description: str = "judging") -> None:
         if self.enabled and total:
-            from rich.progress import Progress
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                SpinnerColumn,
+                TaskProgressColumn,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
-            self.bar = Progress(console=err, transient=True)
+            self.description = description
+            self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                TaskProgressColumn(), TimeRemainingColumn(), console=err,
+                                transient=True)
             self.bar.start()
             self.task = self.bar.add_task(description, total=total)
 
-    def step(self) -> None:
+    def step(self, n: float = 1.0) -> None:
+        """`n` more videos done."""
+        self.completed += n
         if self.bar is not None:
-            self.bar.advance(self.task)
+            self.bar.update(self.task, completed=self.completed, description=self.description)
+
+    def tracker(self, videos: int) -> Callable[[str, int, int], None]:
+        """The engine's `progress` callback for one call judging `videos` videos: the bar
+        moves by windows done / windows in the call, and shows the stage while explaining.
+        Call `step(videos)` when the call returns."""
+        start = self.completed
+
+        def update(stage: str, done: int, total: int) -> None:
+            if self.bar is None or not total:
+                return
+            if stage == "judging":
+                self.bar.update(self.task, completed=start + videos * done / total,
+                                description=self.description)
+            else:                        # a stage change is drawn at once
+                self.bar.update(self.task, description=f"{stage} {done}/{total}")
+                self.bar.refresh()
+        return update
+
+    @contextmanager
+    def aside(self) -> Iterator[None]:
+        """Print inside this block: the live bar is cleared first and drawn again after, so
+        output never lands on the bar's line (stdout stays stdout)."""
+        if self.bar is None:
+            yield
+            return
+        self.bar.stop()
+        try:
+            yield
+        finally:
+            out.file.flush()
+            self.bar.start()
 
     def __exit__(self, *exc) -> None:
         if self.bar is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 
@@ -47,6 +47,8 @@ from guardrail.shipped import shipped
 from guardrail.verdict import Verdict, WindowResult, build_verdict
 from guardrail.video import SamplingConfig, Video, VideoLimits, VideoSource, load_video
 
+# progress(stage, done, total): see GuardEngine.check_batch
+Progress = Callable[[str, int, int], None]
 MODES = ("fast", "explain", "explain_flagged")
 DEFAULT_POLICY = shipped("policies", "safewatch.yaml")
 
@@ -180,10 +182,13 @@ class GuardEngine:
         """Judge one video (a path, raw bytes, or an already decoded `Video`)."""
         return self.check_batch([video])[0]
 
-    def check_batch(self, videos: Iterable[VideoSource | Video]) -> list[Verdict]:
+    def check_batch(self, videos: Iterable[VideoSource | Video],
+                    progress: Progress | None = None) -> list[Verdict]:
         """Judge several videos, `batch_size` windows per forward pass; verdicts in input order.
         Bad input raises `VideoError` before any model work (decode first to handle it per
-        video)."""
+        video). `progress(stage, done, total)`, if given, is called as work finishes:
+        ("judging", windows done, windows) after each forward batch, then in explain modes
+        ("explaining", videos done, videos to explain)."""
         t0 = time.perf_counter()
         decoded, decode_ms = [], []
         for v in videos:
@@ -196,8 +201,12 @@ class GuardEngine:
         best: dict[int, tuple[float, tuple]] = {}     # video -> its top window (score, row)
         size = self.config.batch_size
         parts = [windows[s: s + size] for s in range(0, len(windows), size)]
+        done = 0
         for part, (res, batch) in zip(parts, self._run_all([[c for _, c in p] for p in parts]),
                                       strict=True):
+            done += len(part)
+            if progress:
+                progress("judging", done, len(windows))
             for row, ((i, _), r) in enumerate(zip(part, res, strict=True)):
                 results[i].append(r)
                 top = float(r.scores.max())
@@ -208,7 +217,8 @@ class GuardEngine:
                  for s in scores]
         need = [i for i in range(len(decoded)) if self.config.mode == "explain"
                 or (self.config.mode == "explain_flagged" and any(flags[i]))]
-        texts, gen_ms = self._explain([best[i][1] for i in need], [flags[i] for i in need])
+        texts, gen_ms = self._explain([best[i][1] for i in need], [flags[i] for i in need],
+                                      progress)
         text_of = dict(zip(need, texts, strict=True))
         gen_of = dict(zip(need, gen_ms, strict=True))
         total = (time.perf_counter() - t0) * 1e3 / len(decoded)
@@ -317,13 +327,15 @@ class GuardEngine:
         visual[start: start + video.ids.numel()] = video.visual
         return lay, visual
 
-    def _explain(self, rows: list[tuple], flags: list[list[bool]]
-                 ) -> tuple[list[Explanation], list[float]]:
+    def _explain(self, rows: list[tuple], flags: list[list[bool]],
+                 progress: Progress | None = None) -> tuple[list[Explanation], list[float]]:
         """Decode the answer text of several windows together, `batch_size` rows at a time.
         rows: (item, cache, slots) of each window's prompt cache (probes removed). Returns the
         explanations and each one's share of the decoding time in ms."""
         texts, times = [], []
         size, keys = self.config.batch_size, self.tokens.keys
+        if progress and rows:
+            progress("explaining", 0, len(rows))
         for start in range(0, len(rows), size):
             part, part_flags = rows[start: start + size], flags[start: start + size]
             t = time.perf_counter()
@@ -334,6 +346,8 @@ class GuardEngine:
             texts += explain_batch(batch, next_pos, keys, part_flags,
                                    self.config.max_new_tokens, self._stop_ids())
             times += [(time.perf_counter() - t) * 1e3 / len(part)] * len(part)
+            if progress:
+                progress("explaining", len(texts), len(rows))
         return texts, times
 
     def _stop_ids(self) -> set[int]:

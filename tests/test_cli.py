@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -219,3 +220,45 @@ def test_check_accepts_a_still_image_as_a_one_frame_video(tmp_path, tiny_model, 
     still, gif = (Verdict.model_validate_json(line) for line in got.stdout.splitlines())
     assert still.video.frames_used == 1 and still.video.duration_s == 1.0
     assert gif.video.frames_used == 8                         # an animated GIF stays a video
+
+
+def _in_a_terminal(argv: list[str], cols: int = 100, timeout: float = 300) -> str:
+    """Run `argv` with stdout and stderr on a pseudo-terminal; everything it wrote."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, cols, 0, 0))
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                            env={**os.environ, "TERM": "xterm", "COLUMNS": str(cols)})
+    os.close(slave)
+    chunks = []
+    while select.select([master], [], [], timeout)[0]:
+        try:
+            data = os.read(master, 65536)
+        except OSError:                       # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=30)
+    os.close(master)
+    assert proc.returncode == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_in_a_terminal_never_shares_a_line_with_results(tiny_model, video_files):
+    clip = str(video_files["mp4_h264"])
+    cli = [sys.executable, "-c", "from guardrail.cli import main; main()"]
+    shown = _in_a_terminal([*cli, "check", clip, clip, clip, "--model", str(tiny_model()),
+                            "--batch-size", "1", "--mode", "explain", "--max-new-tokens", "4"])
+    ansi = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+    starts = [m.start() for m in re.finditer(re.escape(f"{clip}: "), shown)]
+    assert len(starts) == 3, shown[-2000:]
+    for at in starts:
+        line = ansi.sub("", shown[shown.rfind("\n", 0, at) + 1: at])
+        assert line.split("\r")[-1].strip() == "", repr(line)       # nothing left of the bar
+    assert "explaining 0/1" in shown and "judging" in shown

@@ -159,6 +159,20 @@ def test_long_video_is_judged_in_windows(engine, long_video):
         assert c.score == pytest.approx(max(s.scores[c.id] for s in v.segments))
 
 
+def test_progress_is_reported_per_window_then_per_explained_video(engine, long_video):
+    eng = engine.with_config(sampling=SamplingConfig(num_frames=4, window_s=10.0), batch_size=3,
+                             mode="explain_flagged", max_new_tokens=4)
+    seen = []
+    verdicts = eng.check_batch([long_video, long_video], progress=lambda *a: seen.append(a))
+    judging = [a for a in seen if a[0] == "judging"]
+    assert judging == [("judging", n, 8) for n in (3, 6, 8)]          # 8 windows, 3 per batch
+    explained = sum(v.flagged for v in verdicts)
+    explaining = [a for a in seen if a[0] == "explaining"]
+    assert explaining == ([("explaining", 0, explained), ("explaining", explained, explained)]
+                          if explained else [])
+    assert seen.index(judging[-1]) < (seen.index(explaining[0]) if explaining else len(seen))
+
+
 def test_policy_file_loaded_by_default_is_safewatch(engine):
     assert engine.policies == load_policy(POLICY_DIR / "safewatch.yaml")
 

@@ -74,7 +74,7 @@ def bench_run(
     with ProgressBar(enabled=not as_json and sys.stderr.isatty()) as bar:
         result = run(data, spec, out_dir, ray=ray_opts, batch=batch,
                      on_start=lambda todo, done: bar.start(todo, f"judging ({done} done before)"),
-                     on_done=lambda _: bar.step())
+                     on_done=lambda _: bar.step(), on_group=bar.tracker)
     err.print(f"judged {result.judged} videos, {result.failed} failed, {result.skipped} already "
               f"done, in {result.elapsed_s:.1f} s", markup=False)
     _score_and_report([out_dir / PREDICTIONS], data, out_dir, calibration, as_json)

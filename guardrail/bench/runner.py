@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guardrail.bench.datasets import Dataset, Item
 from guardrail.bench.predictions import (
@@ -31,6 +31,9 @@ from guardrail.bench.predictions import (
 )
 from guardrail.errors import UsageError, VideoError
 from guardrail.policy import PolicySet
+
+if TYPE_CHECKING:
+    from guardrail.engine import Progress
 
 RUN_FILE = "run.json"
 RUN_FORMAT = "guardrail-bench-run/1"
@@ -87,22 +90,23 @@ class RunResult:
     elapsed_s: float                 # judging time of this call (engine loading excluded)
 
 
-def judge_one(engine, item: Item) -> Outcome:
+def judge_one(engine, item: Item, progress: Progress | None = None) -> Outcome:
     """The verdict of one video; a missing or unreadable video is an error outcome, not a raise."""
     if not item.exists:
         return _missing(item)
     try:
-        verdict = engine.check(item.path)
+        verdict = engine.check_batch([item.path], progress=progress)[0]
     except (VideoError, OSError) as error:
         return _failed(item, error)
     return Outcome(item.video_path, verdict.model_dump(mode="json"), None)
 
 
-def judge_group(engine, items: list[Item]) -> list[Outcome]:
+def judge_group(engine, items: list[Item], progress: Progress | None = None) -> list[Outcome]:
     """Outcomes of several videos in input order: each is decoded on its own (a bad one fails
-    alone), then the readable ones share `check_batch` (windows batched per forward pass)."""
+    alone), then the readable ones share `check_batch` (windows batched per forward pass).
+    `progress` is the engine's progress callback for the call."""
     if len(items) == 1:
-        return [judge_one(engine, items[0])]
+        return [judge_one(engine, items[0], progress)]
     from guardrail.video import load_video
 
     cfg = engine.config
@@ -119,7 +123,8 @@ def judge_group(engine, items: list[Item]) -> list[Outcome]:
             outcomes[i] = _failed(item, error)
             continue
         decoded.append((i, video, (time.perf_counter() - t0) * 1e3))
-    verdicts = engine.check_batch([video for _, video, _ in decoded]) if decoded else []
+    verdicts = engine.check_batch([video for _, video, _ in decoded],
+                                  progress=progress) if decoded else []
     for (i, _, ms), verdict in zip(decoded, verdicts, strict=True):
         data = verdict.model_dump(mode="json")
         data["timing_ms"]["decode_video"] += ms      # decoded here, not inside check_batch
@@ -143,10 +148,12 @@ def groups(items: list[Item], size: int) -> list[list[Item]]:
 
 def run(dataset: Dataset, spec: EngineSpec, out_dir: str | Path, ray: RayOptions | None = None,
         batch: int = 1, on_done: Callable[[Outcome], None] | None = None,
-        on_start: Callable[[int, int], None] | None = None) -> RunResult:
+        on_start: Callable[[int, int], None] | None = None,
+        on_group: Callable[[int], Progress] | None = None) -> RunResult:
     """Judge every video of `dataset` not yet in `out_dir/predictions.jsonl`, `batch` videos per
     engine call. `on_start(todo, done)` is called once the engines are ready, `on_done` after
-    each video."""
+    each video; locally, `on_group(n)` gives the engine's progress callback for a call judging
+    n videos (windows are reported as they finish; Ray workers report per video only)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, dataset, spec)
@@ -157,7 +164,7 @@ def run(dataset: Dataset, spec: EngineSpec, out_dir: str | Path, ray: RayOptions
     by_path = {item.video_path: item for item in todo}
     judged = failed = 0
     elapsed = 0.0
-    with _judges(spec, groups(todo, batch), ray) as stream, \
+    with _judges(spec, groups(todo, batch), ray, on_group) as stream, \
             LineWriter(out / PREDICTIONS) as preds, LineWriter(out / FAILED) as fails:
         if on_start:
             on_start(len(todo), len(done))
@@ -185,8 +192,9 @@ class _judges:
     """`with _judges(spec, groups, ray) as stream:` outcomes for every video of `groups`, engines
     loaded on enter."""
 
-    def __init__(self, spec: EngineSpec, groups: list[list[Item]], ray: RayOptions | None):
-        self.spec, self.groups, self.ray = spec, groups, ray
+    def __init__(self, spec: EngineSpec, groups: list[list[Item]], ray: RayOptions | None,
+                 on_group: Callable[[int], Progress] | None = None):
+        self.spec, self.groups, self.ray, self.on_group = spec, groups, ray, on_group
         self.pool: _RayPool | None = None
 
     def __enter__(self) -> Iterable[Outcome]:
@@ -194,7 +202,9 @@ class _judges:
             return iter(())
         if self.ray is None:
             engine = self.spec.build()
-            return (o for group in self.groups for o in judge_group(engine, group))
+            track = self.on_group or (lambda n: None)
+            return (o for group in self.groups
+                    for o in judge_group(engine, group, track(len(group))))
         self.pool = _RayPool(self.spec, self.ray)
         return self.pool.map(self.groups)
 
