@@ -262,3 +262,17 @@ def test_progress_in_a_terminal_never_shares_a_line_with_results(tiny_model, vid
         line = ansi.sub("", shown[shown.rfind("\n", 0, at) + 1: at])
         assert line.split("\r")[-1].strip() == "", repr(line)       # nothing left of the bar
     assert "explaining 0/1" in shown and "judging" in shown
+
+
+def test_piped_status_lines_do_not_wrap(tmp_path, tiny_model, video_files):
+    clip = tmp_path / ("a-rather-long-directory-name-" * 3) / "clip.mp4"
+    clip.parent.mkdir()
+    clip.write_bytes(video_files["mp4_h264"].read_bytes())
+    got = subprocess.run([sys.executable, "-c", "from guardrail.cli import main; main()",
+                          "check", str(clip), "--model", str(tiny_model())], capture_output=True,
+                         text=True, env={**os.environ, "COLUMNS": "40"}, timeout=300)
+    assert got.returncode == 0, got.stderr
+    header = next(line for line in got.stdout.splitlines() if line.startswith(str(clip)))
+    assert header.endswith(" ms)") and "frames" in header           # one line, not rewrapped
+    assert any(line.startswith("warning: random test model") and line.endswith("meaningless")
+               for line in got.stdout.splitlines())
