@@ -207,7 +207,7 @@ def check(
         sampling=sampling, max_new_tokens=max_new_tokens, decoder=decoder,
         calibration=calibration)
     bad = 0
-    with ProgressBar(enabled=sys.stderr.isatty()) as bar:     # stderr: JSON lines stay clean
+    with ProgressBar(enabled=not as_json and sys.stderr.isatty()) as bar:
         bar.start(len(videos))
         for start in range(0, len(videos), batch_size):
             decoded = []
