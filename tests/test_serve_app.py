@@ -249,7 +249,7 @@ def test_server_paths_and_urls_refused_unless_allowed(engine, tmp_path, clip):
     finally:
         files.shutdown()
     assert got == {"file": 200, "escape": 403, "etc": 403, "url": 200, "missing": 422,
-                   "outside": 403, "port": 403, "lookalike": 403, "ftp": 400}
+                   "outside": 403, "port": 403, "lookalike": 400, "ftp": 400}
 
 
 def test_limits_upload_duration_pixels(engine, tmp_path, clip, long_video):

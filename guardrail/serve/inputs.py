@@ -7,6 +7,7 @@ in the settings names them: the server never reads arbitrary paths or fetches ar
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import os
@@ -19,8 +20,9 @@ import httpx
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from guardrail.errors import VideoTooLargeError
+from guardrail.errors import UsageError, VideoTooLargeError
 from guardrail.policy import MAX_POLICY_BYTES
+from guardrail.serve.allow import check_path, parse_url
 from guardrail.serve.errors import (
     BadRequest,
     Forbidden,
@@ -65,7 +67,10 @@ class Sources:
         self.settings = settings
         self.limits = settings.limits
         self._paths = [os.path.realpath(p) for p in settings.allow_paths]
-        self._urls = [urlsplit(u) for u in settings.allow_urls]
+        try:
+            self._urls = [parse_url(u) for u in settings.allow_urls]
+        except BadRequest as err:
+            raise UsageError(f"allow_urls: {err}") from None
 
     def from_base64(self, text: str, field: str = "video_base64") -> Media:
         if len(text) * 3 // 4 > self.limits.max_upload_bytes:
@@ -80,15 +85,16 @@ class Sources:
         """A `data:` URL, or a reference an allow-list permits."""
         if url.startswith("data:"):
             return self._data_url(url, kind)
-        parts = urlsplit(url)
-        if parts.scheme in ("http", "https"):
-            if parts.username or parts.password or not any(
-                    _under(parts, allowed) for allowed in self._urls):
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme in ("http", "https"):
+            parsed = parse_url(url)
+            if not any(parsed.under(allowed) for allowed in self._urls):
                 raise Forbidden("fetching this URL is not allowed (see allow_urls)")
-            return Reference(url, kind)
+            return Reference(parsed.geturl(), kind)        # fetched as checked
+        parts = urlsplit(url)
         if (parts.scheme == "file" and parts.netloc in ("", "localhost")) or (
                 not parts.scheme and url.startswith("/")):
-            path = os.path.realpath(unquote(parts.path) if parts.scheme else url)
+            path = check_path(unquote(parts.path) if parts.scheme else url)
             if not any(os.path.commonpath([path, root]) == root for root in self._paths):
                 raise Forbidden("reading this server path is not allowed (see allow_paths)")
             return Media(kind, path=path)
@@ -109,9 +115,18 @@ class Sources:
         return Media(kind, media.data)
 
     async def fetch(self, source: Source) -> Media:
-        """Bytes of an allow-listed URL (bounded in size and time, no redirects)."""
+        """Bytes of an allow-listed URL: bounded in size, no redirects, and within
+        `decode_timeout_s` in total (a slow-dripping server cannot hold a worker longer)."""
         if isinstance(source, Media):
             return source
+        deadline = self.limits.decode_timeout_s
+        try:
+            async with asyncio.timeout(deadline):
+                return await self._fetch(source)
+        except TimeoutError:
+            raise Unprocessable(f"fetching the video URL took over {deadline:g} s") from None
+
+    async def _fetch(self, source: Reference) -> Media:
         limit, chunks, size = self.limits.max_upload_bytes, [], 0
         timeout = httpx.Timeout(self.limits.decode_timeout_s)
         try:
@@ -124,7 +139,7 @@ class Sources:
                     if size > limit:
                         raise VideoTooLargeError(f"the video URL is over {limit} bytes")
                     chunks.append(chunk)
-        except httpx.HTTPError as err:
+        except (httpx.HTTPError, httpx.InvalidURL) as err:
             raise Unprocessable(f"could not fetch the video URL ({type(err).__name__})") from None
         return Media(source.kind, b"".join(chunks))
 
@@ -136,14 +151,6 @@ class Sources:
             return image_as_video(data, limits)
         source = media.data if media.data is not None else media.path
         return load_video(source, self.settings.sampling(frames), limits, self.settings.decoder)
-
-
-def _under(url, allowed) -> bool:
-    """`url` is on the allowed origin, under the allowed path (whole segments only)."""
-    if (url.scheme, url.netloc.lower()) != (allowed.scheme, allowed.netloc.lower()):
-        return False
-    root = allowed.path if allowed.path.endswith("/") else allowed.path + "/"
-    return root == "/" or url.path == allowed.path or url.path.startswith(root)
 
 
 def _read(path: str | None, limit: int) -> bytes:
