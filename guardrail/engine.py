@@ -26,7 +26,7 @@ from guardrail.adapters.registry import resolve_placement
 from guardrail.calibration import Calibration, resolve
 from guardrail.chunk_cache import ChunkCache
 from guardrail.decode import Explanation, explain_batch, room
-from guardrail.errors import UsageError
+from guardrail.errors import PromptTooLongError, UsageError
 from guardrail.layout import (
     HOST,
     LAYOUTS,
@@ -108,6 +108,14 @@ class PromptTokens:
     probes: list[list[int]]
     keys: list[str]
 
+    @property
+    def text_tokens(self) -> int:
+        """Tokens of the prompt without the video (every segment and probe)."""
+        n = sum(len(p) for p in self.probes)
+        for _, ids in self.ordered:
+            n += sum(map(len, ids)) if isinstance(ids, tuple) else len(ids)
+        return n
+
 
 class GuardEngine:
     """Judges videos against one policy set with one model. Not thread-safe (the chunk cache
@@ -125,6 +133,7 @@ class GuardEngine:
             config.chunk_cache_bytes)
         self.prompt = build_prompt(policies, style=config.prompt_style)
         self.tokens = self._tokenize()
+        self._check_fits()
         self.answer = answer_tokens(adapter.encode_text)
         self._answer_rows = torch.tensor(self.answer.ids, dtype=torch.long, device=adapter.device)
         self.thresholds = [policies.threshold_of(c) for c in policies.categories]
@@ -359,6 +368,16 @@ class GuardEngine:
         if isinstance(im_end, int) and im_end != tok.unk_token_id:
             ids.add(im_end)
         return ids
+
+    def _check_fits(self) -> None:
+        """Refuse a policy set whose prompt cannot fit the model's context, before any tensor
+        is built (a 900 KB policy once asked the layout for 810 GB)."""
+        limit = getattr(self.adapter, "context_length", None)
+        need = self.tokens.text_tokens
+        if limit is not None and need >= limit:
+            raise PromptTooLongError(
+                f"policy set {self.policies.name!r}: the prompt needs {need:,} tokens before the "
+                f"video (layout {self.config.layout}); the model's context is {limit:,} tokens")
 
     def _tokenize(self) -> PromptTokens:
         enc = self.adapter.encode_text

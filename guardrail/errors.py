@@ -37,6 +37,13 @@ class PolicyError(GuardrailError):
         super().__init__("; ".join(self.messages))
 
 
+
+class PromptTooLongError(PolicyError):
+    """A policy set whose prompt cannot fit the model's context (refused before any tensor)."""
+
+    http_status = 413
+    kind = "prompt_too_long"
+
 class VideoError(GuardrailError):
     """A video that cannot be judged: corrupt, empty, not a video, over a limit."""
 

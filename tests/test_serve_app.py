@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import re
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,6 +17,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
 from guardrail.engine import GuardEngine
 from guardrail.errors import UsageError
@@ -347,3 +349,45 @@ def test_metrics(client, clip):
                    'guardrail_videos_judged_total{', 'guardrail_queue_depth{queue="engine"}',
                    'guardrail_request_seconds_count{route="/v1/moderate"}', 'guardrail_jobs{'):
         assert needle in text, needle
+
+
+def _small_context_model(tiny_model, tmp_path, positions: int) -> Path:
+    import json
+    import shutil
+
+    model = shutil.copytree(tiny_model("qwen2_5_vl"), tmp_path / "small-context")
+    config = json.loads((model / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = positions
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def _long_policy(categories: int = 40) -> str:
+    rule = "Footage that shows or describes a very specific situation in great detail. " * 6
+    rows = "".join(f"  - {{id: L{i}, name: Long {i}, blocked: [{rule!r}]}}\n"
+                   for i in range(categories))
+    return f"name: long\nversion: 1\ncategories:\n{rows}"
+
+
+def test_a_policy_too_long_for_the_context_is_refused_before_any_tensor(tiny_model, tmp_path,
+                                                                       clip, monkeypatch):
+    from guardrail.cli import app as cli
+    from guardrail.layout import plan
+
+    model = _small_context_model(tiny_model, tmp_path, 4096)
+    engine = GuardEngine.from_pretrained(model)                  # the default set fits
+    planned = []
+    monkeypatch.setattr("guardrail.engine.plan", lambda *a, **k: planned.append(1) or plan(*a, **k))
+    with TestClient(create_app(LocalJudge(engine), settings(tmp_path))) as c:
+        reply = c.post("/v1/moderate", files={"file": ("v.mp4", clip, "video/mp4")},
+                       data={"policy": _long_policy()})
+        body = assert_error(reply, 413, "prompt_too_long")
+        assert re.search(r"needs [\d,]+ tokens .*context is 4,096 tokens", body["message"])
+        assert not planned                                       # no layout, no tensor
+        assert upload(c, clip).status_code == 200                # and the service goes on
+    policy = tmp_path / "long.yaml"
+    policy.write_text(_long_policy())
+    (tmp_path / "v.mp4").write_bytes(clip)
+    got = CliRunner().invoke(cli, ["check", str(tmp_path / "v.mp4"), "--model", str(model),
+                                   "--policy", str(policy)])
+    assert got.exit_code == 2 and "context is 4,096 tokens" in got.stderr, got.output

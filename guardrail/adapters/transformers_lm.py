@@ -40,6 +40,11 @@ class TransformersAdapter:
                          else ())
 
     @property
+    def context_length(self) -> int | None:
+        """Positions the language model was built for (None when the config does not say)."""
+        return getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+
+    @property
     def device(self) -> torch.device:
         return self.model.device
 
