@@ -166,7 +166,7 @@ def test_jobs_survive_a_restart_and_resume(engine, tmp_path, clip):
 def test_webhook_retries_with_backoff(engine, tmp_path, clip):
     hook = Receiver([500, 503])
     try:
-        with TestClient(app_for(engine, tmp_path)) as c:
+        with TestClient(app_for(engine, tmp_path, webhook_allow=[hook.url])) as c:
             job_id = submit(c, clip, webhook_url=hook.url)
             wait_job(c, job_id)
             hook.wait(3)
@@ -186,7 +186,8 @@ def test_webhook_gives_up(engine, tmp_path, clip):
     gone = Receiver([404])
     down = Receiver([500] * 10)
     try:
-        with TestClient(app_for(engine, tmp_path, webhook_attempts=3)) as c:
+        with TestClient(app_for(engine, tmp_path, webhook_attempts=3,
+                                webhook_allow=[gone.url, down.url])) as c:
             ids = [submit(c, clip, webhook_url=gone.url), submit(c, clip, webhook_url=down.url)]
             for job_id in ids:
                 wait_job(c, job_id)
@@ -215,3 +216,55 @@ def test_store_claims_are_exclusive_and_bounded(tmp_path):
     assert failed.status == "failed" and "2 attempts" in failed.error["message"]
     assert failed.webhook_state == "pending" and not Path(job.input_path).exists()
     assert store.claim_webhook(10).id == job.id and store.claim_webhook(10) is None
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:9/hook", "http://localhost:9/hook", "http://2130706433/hook",
+    "http://0x7f.0.0.1/hook", "http://[::1]/hook", "http://[::ffff:127.0.0.1]/hook",
+    "http://169.254.169.254/latest/meta-data", "http://10.0.0.1/hook", "http://192.168.1.1/",
+    "http://100.64.0.1/", "http://[fd00:ec2::254]/", "http://0.0.0.0/"])
+def test_webhooks_to_non_public_addresses_are_refused_by_default(engine, tmp_path, clip, url):
+    with TestClient(app_for(engine, tmp_path)) as c:
+        reply = c.post("/v1/jobs", files={"file": ("v.mp4", clip, "video/mp4")},
+                       data={"webhook_url": url})
+    assert reply.status_code == 403, reply.text
+    assert "non-public address" in reply.json()["error"]["message"]
+    assert JobStore(tmp_path / "jobs.sqlite", tmp_path / "spool").counts() == {}
+
+
+@pytest.mark.parametrize("url", ["http://user@127.0.0.1/", "http://exa mple.com/",
+                                 "http://example.com/%2e%2e/", "ftp://example.com/"])
+def test_malformed_webhooks_are_400_or_403(engine, tmp_path, clip, url):
+    with TestClient(app_for(engine, tmp_path)) as c:
+        reply = c.post("/v1/jobs", files={"file": ("v.mp4", clip, "video/mp4")},
+                       data={"webhook_url": url})
+    assert reply.status_code in (400, 403), reply.text
+
+
+def test_a_named_host_is_delivered_to_the_checked_address(engine, tmp_path, clip):
+    hook = Receiver([])
+    port = hook.server.server_address[1]
+    named = f"http://localhost:{port}/hook"
+    try:
+        with TestClient(app_for(engine, tmp_path, webhook_allow=[named])) as c:
+            job_id = submit(c, clip, webhook_url=named)
+            wait_job(c, job_id)
+            hook.wait(1)
+    finally:
+        hook.close()
+    headers, body = hook.calls[0]
+    assert headers["host"] == f"localhost:{port}" and body["id"] == job_id
+
+
+def test_an_undeliverable_webhook_fails_once_not_forever(engine, tmp_path, clip, caplog):
+    """A stored URL that can no longer be delivered (its allow rule was removed, or the client
+    rejects it) costs one attempt, then the webhook is failed for good, without a traceback."""
+    store = JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs.sqlite.inputs")
+    req = job_request(JudgeRequest(), None, Media("video", clip))
+    job = store.create(req, clip, "http://127.0.0.1:9/hook")
+    with TestClient(app_for(engine, tmp_path)) as c:              # default rules: loopback out
+        wait_job(c, job.id)
+        wait_for(lambda: store.get(job.id).webhook_state == "failed")
+        time.sleep(0.3)
+    assert store.get(job.id).webhook_attempts == 1
+    assert "Traceback" not in caplog.text

@@ -17,9 +17,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 
+from guardrail.serve import webhooks
 from guardrail.serve.errors import (
     BadRequest,
-    Forbidden,
     NotFound,
     Overloaded,
     Unauthorized,
@@ -88,6 +88,7 @@ def create_app(judge: Judge, settings: ServiceSettings | None = None) -> FastAPI
 def _api(moderator: Moderator, registry: PolicyRegistry, store: JobStore, runner: JobRunner,
          settings: ServiceSettings) -> APIRouter:
     api = APIRouter(prefix="/v1")
+    hook_rules = webhooks.rules(settings.jobs.webhook_allow)
 
     @api.post("/moderate", response_model=Verdict, openapi_extra=_BODY)
     async def moderate(request: Request) -> Verdict:
@@ -119,15 +120,17 @@ def _api(moderator: Moderator, registry: PolicyRegistry, store: JobStore, runner
     async def create_job(request: Request) -> JobCreated:
         fields, source = await read_body(request, JobJSON, moderator.sources)
         req = moderator.request(fields)
-        if fields.webhook_url is not None and not any(
-                fields.webhook_url.startswith(p) for p in settings.jobs.webhook_allow):
-            raise Forbidden("webhook_url is not allowed (see jobs.webhook_allow)")
+        webhook = None
+        if fields.webhook_url is not None:           # checked now, and again at delivery
+            url, named = webhooks.check(fields.webhook_url, hook_rules)
+            await asyncio.to_thread(webhooks.resolve, url, named)
+            webhook = url.geturl()
         queued = (await asyncio.to_thread(store.counts)).get("queued", 0)
         if queued >= settings.jobs.max_queued:
             raise Overloaded(f"{queued} jobs are queued; try later", settings.load.retry_after_s)
         data = source.data if isinstance(source, Media) else None
         job = await asyncio.to_thread(store.create, job_request(req, fields.frames, source),
-                                      data, fields.webhook_url)
+                                      data, webhook)
         runner.notify()
         return JobCreated(id=job.id, status=job.status)
 

@@ -19,7 +19,8 @@ import httpx
 
 from guardrail.errors import GuardrailError
 from guardrail.policy import PolicySet
-from guardrail.serve.errors import Overloaded, Unavailable
+from guardrail.serve import webhooks
+from guardrail.serve.errors import BadRequest, Forbidden, Overloaded, Unavailable
 from guardrail.serve.inputs import Media, Reference, Source, Sources
 from guardrail.serve.jobs import Job, JobStore
 from guardrail.serve.judge import JudgeRequest
@@ -58,6 +59,7 @@ class JobRunner:
         self.settings = settings
         self.metrics = metrics
         self.owner = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._hook_rules = webhooks.rules(settings.webhook_allow)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
@@ -169,13 +171,22 @@ class JobRunner:
         if secret:
             digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
             headers["x-guardrail-signature"] = f"sha256={digest}"
-        try:
-            reply = await http.post(job.webhook_url, content=body, headers=headers)
+        try:   # checked again here: DNS may point elsewhere now than at creation
+            url, named = webhooks.check(job.webhook_url, self._hook_rules)
+            target = await asyncio.to_thread(webhooks.resolve, url, named)
+            reply = await http.post(target.connect_url(), content=body,
+                                    headers={**headers, **target.headers()},
+                                    extensions=target.extensions())
             if reply.is_success:
                 return "delivered", 0.0
             permanent = 400 <= reply.status_code < 500 and reply.status_code not in (408, 429)
             why = f"HTTP {reply.status_code}"
+        except (BadRequest, Forbidden, httpx.InvalidURL, httpx.UnsupportedProtocol) as err:
+            permanent, why = True, str(err) or type(err).__name__     # never deliverable
         except httpx.HTTPError as err:
+            permanent, why = False, type(err).__name__
+        except Exception as err:          # anything else still counts as an attempt
+            log.warning("webhook for %s: %s", job.id, type(err).__name__)
             permanent, why = False, type(err).__name__
         if permanent or job.webhook_attempts >= s.webhook_attempts:
             log.warning("webhook for %s failed for good (%s)", job.id, why)

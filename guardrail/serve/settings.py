@@ -72,7 +72,8 @@ class Jobs(_Settings):
     webhook_timeout_s: float = Field(10.0, gt=0)
     webhook_allow: list[str] = Field(
         default_factory=lambda: ["http://", "https://"],
-        description="URL prefixes a webhook_url must start with.")
+        description="URL prefixes a webhook_url may use. A bare scheme allows public "
+                    "addresses only; an entry naming a host allows that host wherever it points.")
 
     def spool(self) -> Path:
         return Path(self.spool_dir) if self.spool_dir else Path(self.db_path + ".inputs")
