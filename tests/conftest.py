@@ -72,3 +72,60 @@ def tiny_model(tmp_path_factory):
         return made[family]
 
     return get
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """A real PostgreSQL 15 server on 127.0.0.1 for this test session (trust auth, fsync off),
+    run as the `postgres` user when the tests run as root (the server refuses root). Yields the
+    URL of its `postgres` database; stopped at the end."""
+    import os
+    import socket
+    import uuid as _uuid
+
+    if not (PG_BIN / "initdb").exists():
+        pytest.skip(f"PostgreSQL server binaries not found in {PG_BIN}")
+    root = Path(f"/tmp/guardrail-pg-{_uuid.uuid4().hex[:8]}")   # short: socket path limit
+    root.mkdir()
+    as_user = []
+    if os.geteuid() == 0:
+        import shutil
+        shutil.chown(root, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = root / "data"
+    subprocess.run([*as_user, str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U",
+                    "postgres", "--no-sync", "-E", "UTF8"], check=True, capture_output=True,
+                   timeout=120)
+    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+    subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-w", "-t",
+                    "60", "-l", str(root / "log"), "start"], check=True, capture_output=True,
+                   timeout=120)
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate",
+                        "-w", "stop"], capture_output=True, timeout=60)
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def job_db(request, tmp_path) -> str:
+    """A fresh, empty job database URL: SQLite in tmp_path, or a new database on the session's
+    PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+    import uuid as _uuid
+
+    import psycopg
+
+    server = request.getfixturevalue("postgres_server")
+    name = f"jobs_{_uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return server.rsplit("/", 1)[0] + f"/{name}"

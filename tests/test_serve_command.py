@@ -39,6 +39,14 @@ def test_rayservice_embeds_a_valid_serve_config():
     assert schema.http_options.host == settings.host == "0.0.0.0"
     model = next(d for d in app["deployments"] if d["name"] == "GuardModel")
     assert model["ray_actor_options"]["num_gpus"] == 1 and model["max_queued_requests"] > 0
+    ingress = next(d for d in app["deployments"] if d["name"] == "GuardIngress")
+    assert ingress["num_replicas"] > 1 and "resources" not in ingress["ray_actor_options"]
+    assert "db_path" not in settings.jobs.model_fields_set      # the store is PostgreSQL
+    pods = [service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"],
+            *(g["template"] for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"])]
+    for pod in pods:
+        env = {e["name"] for c in pod["spec"]["containers"] for e in c.get("env", [])}
+        assert {"GUARDRAIL_DB_URL", "GUARDRAIL_API_KEYS"} <= env
 
 
 def test_overrides_and_bad_configs(tmp_path):

@@ -1,4 +1,5 @@
-"""Async jobs (SPEC §6.1): SQLite persistence, resumption after a restart, webhook retries."""
+"""Async jobs on both stores (SQLite and a real PostgreSQL): persistence, resumption after a
+restart, webhook retries and delivery rules."""
 
 from __future__ import annotations
 
@@ -30,10 +31,24 @@ def clip(video_files) -> bytes:
     return video_files["mp4_h264"].read_bytes()
 
 
+DB = ""          # the job database of the running test: SQLite or PostgreSQL (see _db)
+
+
+@pytest.fixture(autouse=True)
+def _db(job_db):
+    """Every test of this module runs on both stores."""
+    global DB
+    DB = job_db
+
+
 def jobs(tmp: Path, **changes) -> Jobs:
-    base = {"db_path": str(tmp / "jobs.sqlite"), "poll_s": 0.05, "lease_s": 2.0,
-            "webhook_backoff_s": 0.05}
+    base = {"db_url": DB, "spool_dir": str(tmp / "jobs.sqlite.inputs"), "poll_s": 0.05,
+            "lease_s": 2.0, "webhook_backoff_s": 0.05}
     return Jobs(**{**base, **changes})
+
+
+def store_for(tmp: Path) -> JobStore:
+    return JobStore(DB, tmp / "jobs.sqlite.inputs")
 
 
 def app_for(engine, tmp: Path, **job_changes):
@@ -134,7 +149,7 @@ def test_bad_job_requests_are_refused_before_queueing(engine, tmp_path, clip):
         bad_policy = c.post("/v1/jobs", json={"video_base64": "AAAA", "policy": "x: 1"})
         bad_json = c.post("/v1/jobs", content=b"{", headers={"content-type": "application/json"})
     assert [r.status_code for r in (bad_hook, bad_policy, bad_json)] == [403, 422, 400]
-    assert JobStore(tmp_path / "jobs.sqlite", tmp_path / "spool").counts() == {}
+    assert store_for(tmp_path).counts() == {}
 
 
 def test_job_queue_is_bounded(engine, tmp_path, clip):
@@ -149,7 +164,7 @@ def test_jobs_survive_a_restart_and_resume(engine, tmp_path, clip):
     """Finished results stay readable; a queued job and one whose runner died both run."""
     with TestClient(app_for(engine, tmp_path)) as c:
         done = wait_job(c, submit(c, clip))
-    store = JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs.sqlite.inputs")
+    store = store_for(tmp_path)
     req = job_request(JudgeRequest(), None, Media("video", clip))
     crashed = store.create(req, clip, None)
     queued = store.create(req, clip, None)
@@ -170,7 +185,7 @@ def test_webhook_retries_with_backoff(engine, tmp_path, clip):
             job_id = submit(c, clip, webhook_url=hook.url)
             wait_job(c, job_id)
             hook.wait(3)
-            store = JobStore(tmp_path / "jobs.sqlite", tmp_path / "s")
+            store = store_for(tmp_path)
             wait_for(lambda: store.get(job_id).webhook_state == "delivered")
     finally:
         hook.close()
@@ -191,7 +206,7 @@ def test_webhook_gives_up(engine, tmp_path, clip):
             ids = [submit(c, clip, webhook_url=gone.url), submit(c, clip, webhook_url=down.url)]
             for job_id in ids:
                 wait_job(c, job_id)
-            store = JobStore(tmp_path / "jobs.sqlite", tmp_path / "s")
+            store = store_for(tmp_path)
             wait_for(lambda: all(store.get(i).webhook_state == "failed" for i in ids))
             time.sleep(0.3)  # no fourth try
     finally:
@@ -201,9 +216,10 @@ def test_webhook_gives_up(engine, tmp_path, clip):
 
 
 def test_store_claims_are_exclusive_and_bounded(tmp_path):
-    store = JobStore(tmp_path / "j.sqlite", tmp_path / "spool")
+    store = store_for(tmp_path)
     job = store.create({"x": 1}, b"data", "http://127.0.0.1:9/")
-    assert Path(job.input_path).read_bytes() == b"data"
+    local = store.input_file(job)                 # a spool file, or a copy from PostgreSQL
+    assert Path(local).read_bytes() == b"data"
     first = store.claim("a", lease_s=60, max_attempts=2)
     assert first.id == job.id and first.attempts == 1
     assert store.claim("b", 60, 2) is None  # leased to a
@@ -214,7 +230,8 @@ def test_store_claims_are_exclusive_and_bounded(tmp_path):
     assert store.claim("c", 60, 2) is None  # out of attempts: failed for good
     failed = store.get(job.id)
     assert failed.status == "failed" and "2 attempts" in failed.error["message"]
-    assert failed.webhook_state == "pending" and not Path(job.input_path).exists()
+    assert failed.webhook_state == "pending" and not Path(local).exists()
+    assert store.input_file(failed) in (None, job.input_path)      # the input is gone
     assert store.claim_webhook(10).id == job.id and store.claim_webhook(10) is None
 
 
@@ -229,7 +246,7 @@ def test_webhooks_to_non_public_addresses_are_refused_by_default(engine, tmp_pat
                        data={"webhook_url": url})
     assert reply.status_code == 403, reply.text
     assert "non-public address" in reply.json()["error"]["message"]
-    assert JobStore(tmp_path / "jobs.sqlite", tmp_path / "spool").counts() == {}
+    assert store_for(tmp_path).counts() == {}
 
 
 @pytest.mark.parametrize("url", ["http://user@127.0.0.1/", "http://exa mple.com/",
@@ -259,7 +276,7 @@ def test_a_named_host_is_delivered_to_the_checked_address(engine, tmp_path, clip
 def test_an_undeliverable_webhook_fails_once_not_forever(engine, tmp_path, clip, caplog):
     """A stored URL that can no longer be delivered (its allow rule was removed, or the client
     rejects it) costs one attempt, then the webhook is failed for good, without a traceback."""
-    store = JobStore(tmp_path / "jobs.sqlite", tmp_path / "jobs.sqlite.inputs")
+    store = store_for(tmp_path)
     req = job_request(JudgeRequest(), None, Media("video", clip))
     job = store.create(req, clip, "http://127.0.0.1:9/hook")
     with TestClient(app_for(engine, tmp_path)) as c:              # default rules: loopback out
@@ -268,3 +285,72 @@ def test_an_undeliverable_webhook_fails_once_not_forever(engine, tmp_path, clip,
         time.sleep(0.3)
     assert store.get(job.id).webhook_attempts == 1
     assert "Traceback" not in caplog.text
+
+
+def test_claims_are_exclusive_across_threads(tmp_path):
+    """Many runners claiming at once (threads here, replicas on several nodes in a cluster):
+    every job is claimed exactly once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = store_for(tmp_path)
+    ids = {store.create({"n": i}, None, None).id for i in range(40)}
+
+    def runner(name: str) -> list[str]:
+        got = []
+        while (job := store.claim(name, lease_s=60, max_attempts=3)) is not None:
+            got.append(job.id)
+        return got
+
+    with ThreadPoolExecutor(8) as pool:
+        claimed = [j for part in pool.map(runner, [f"r{i}" for i in range(8)]) for j in part]
+    assert sorted(claimed) == sorted(ids)
+
+
+def test_jobs_belong_to_the_key_that_created_them(engine, tmp_path, clip):
+    settings = ServiceSettings(host="127.0.0.1", frames=2, jobs=jobs(tmp_path),
+                               api_keys=["alice", "bob"], admin_keys=["root"])
+    with TestClient(create_app(LocalJudge(engine), settings)) as c:
+        def as_(key):
+            return {"authorization": f"Bearer {key}"}
+        made = c.post("/v1/jobs", files={"file": ("v.mp4", clip, "video/mp4")},
+                      headers=as_("alice"))
+        assert made.status_code == 202
+        job_id = made.json()["id"]
+        assert c.get(f"/v1/jobs/{job_id}", headers=as_("alice")).status_code == 200
+        other = c.get(f"/v1/jobs/{job_id}", headers=as_("bob"))
+        assert other.status_code == 404 and other.json()["error"]["type"] == "not_found"
+        assert c.get(f"/v1/jobs/{job_id}", headers=as_("root")).status_code == 200
+        assert c.get(f"/v1/jobs/{job_id}").status_code == 401
+    stored = store_for(tmp_path).get(job_id)
+    assert stored.tenant.startswith("key-") and "alice" not in stored.tenant
+
+
+def test_orphan_spool_files_are_removed_at_start(tmp_path):
+    store = store_for(tmp_path)
+    live = store.create({"x": 1}, b"data", None)
+    local = Path(store.input_file(live))
+    spool = tmp_path / "jobs.sqlite.inputs"
+    (spool / "job-dead.part").write_bytes(b"half an upload")      # kill -9 during an upload
+    (spool / "job-finished-long-ago").write_bytes(b"x")
+    store_for(tmp_path)                                           # the service starts again
+    assert sorted(p.name for p in spool.iterdir()) == [local.name]
+    assert store.input_file(live) and Path(store.input_file(live)).read_bytes() == b"data"
+
+
+def test_an_older_sqlite_store_gains_the_new_columns(tmp_path):
+    import sqlite3
+
+    if not DB.startswith("sqlite"):
+        pytest.skip("a migration of the first release's SQLite file")
+    path = DB.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, status TEXT NOT NULL, request TEXT "
+                   "NOT NULL, input_path TEXT, verdict TEXT, error TEXT, owner TEXT, lease_until "
+                   "REAL, attempts INTEGER NOT NULL DEFAULT 0, webhook_url TEXT, webhook_state "
+                   "TEXT, webhook_attempts INTEGER NOT NULL DEFAULT 0, webhook_due REAL, "
+                   "created_at REAL NOT NULL, updated_at REAL NOT NULL)")
+        db.execute("INSERT INTO jobs (id, status, request, created_at, updated_at) VALUES "
+                   "('job-old', 'succeeded', '{}', 1.0, 1.0)")
+    store = store_for(tmp_path)
+    assert store.get("job-old").tenant is None and store.get("job-old").status == "succeeded"
+    assert store.create({}, None, None, tenant="key-1").tenant == "key-1"

@@ -9,11 +9,13 @@ Routes validate, await the pipeline and return a schema; errors become JSON in `
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 
@@ -64,7 +66,7 @@ def create_app(judge: Judge, settings: ServiceSettings | None = None) -> FastAPI
     registry = PolicyRegistry(settings.policies_dir, settings.policy_set)
     metrics = Metrics()
     moderator = Moderator(judge, settings, registry, metrics)
-    store = JobStore(settings.jobs.db_path, settings.jobs.spool())
+    store = JobStore(settings.jobs.url(), settings.jobs.spool())
     runner = JobRunner(store, moderator, settings.jobs, metrics)
 
     @asynccontextmanager
@@ -80,7 +82,7 @@ def create_app(judge: Judge, settings: ServiceSettings | None = None) -> FastAPI
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
     app.middleware("http")(_observe(metrics))
     app.include_router(_api(moderator, registry, store, runner, settings),
-                       dependencies=[Depends(_auth(settings.keys()))])
+                       dependencies=[Depends(_auth(settings.keys(), settings.admins()))])
     app.include_router(_open(judge, moderator, store, metrics))
     return app
 
@@ -130,15 +132,15 @@ def _api(moderator: Moderator, registry: PolicyRegistry, store: JobStore, runner
             raise Overloaded(f"{queued} jobs are queued; try later", settings.load.retry_after_s)
         data = source.data if isinstance(source, Media) else None
         job = await asyncio.to_thread(store.create, job_request(req, fields.frames, source),
-                                      data, webhook)
+                                      data, webhook, request.state.caller.key)
         runner.notify()
         return JobCreated(id=job.id, status=job.status)
 
     @api.get("/jobs/{job_id}", response_model=JobView)
-    async def get_job(job_id: str) -> JobView:
+    async def get_job(job_id: str, request: Request) -> JobView:
         job = await asyncio.to_thread(store.get, job_id)
-        if job is None:
-            raise NotFound(f"no job {job_id!r}")
+        if job is None or not request.state.caller.may_read(job.tenant):
+            raise NotFound(f"no job {job_id!r}")       # another key's job does not exist
         return job_view(job)
 
     @api.get("/policies", response_model=PolicyList)
@@ -186,14 +188,32 @@ async def _json_body(request: Request) -> None:
         raise UnsupportedMediaType("send application/json")
 
 
-def _auth(keys: frozenset[str]) -> Callable:
+def key_id(key: str) -> str:
+    """A key's public name (stored with its jobs; the key itself is never stored)."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Caller:
+    key: str | None          # key id; None when the service runs without keys
+    admin: bool
+
+    def may_read(self, tenant: str | None) -> bool:
+        return self.key is None or self.admin or tenant == self.key
+
+
+def _auth(keys: frozenset[str], admins: frozenset[str]) -> Callable:
     async def check(request: Request) -> None:
+        request.state.caller = Caller(None, True)
         if not keys:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip()
         if scheme.lower() != "bearer" or not any(
-                hmac.compare_digest(token.strip().encode(), k.encode()) for k in keys):
+                hmac.compare_digest(token.encode(), k.encode()) for k in keys):
             raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)")
+        admin = any(hmac.compare_digest(token.encode(), k.encode()) for k in admins)
+        request.state.caller = Caller(key_id(token), admin)
     return check
 
 

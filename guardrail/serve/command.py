@@ -132,8 +132,14 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Serv
         if overrides.get(key) is not None:
             args[key] = overrides[key]
     jobs = dict(args.get("jobs") or {})
-    jobs["db_path"] = os.path.abspath(overrides.get("jobs_db") or jobs.get("db_path")
-                                      or "guardrail-jobs.sqlite")
+    override = overrides.get("jobs_db")
+    if override and "://" in override:
+        jobs["db_url"] = override
+    jobs["db_path"] = os.path.abspath((override if override and "://" not in override else None)
+                                      or jobs.get("db_path") or "guardrail-jobs.sqlite")
+    url = jobs.get("db_url")
+    if isinstance(url, str) and url.startswith("sqlite:///"):   # replicas start elsewhere
+        jobs["db_url"] = "sqlite:///" + os.path.abspath(url.removeprefix("sqlite:///"))
     args["jobs"] = jobs
     if args.get("policies_dir"):
         args["policies_dir"] = os.path.abspath(args["policies_dir"])

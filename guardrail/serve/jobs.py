@@ -1,4 +1,5 @@
-"""Jobs in SQLite: a job accepted is never lost.
+"""The job store: a job accepted is never lost. On SQLite (embedded default) or PostgreSQL
+(clusters), see `store.py`.
 
 A job is written (its upload spooled to a file first, then its row) before the client hears its
 id. Runners *claim* jobs with a lease they renew while working; a job whose lease ran out (its
@@ -11,29 +12,34 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import time
 import uuid
-from contextlib import closing, contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
+from guardrail.serve.store import open_database
+
+_SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
     status TEXT NOT NULL,                 -- queued | running | succeeded | failed
     request TEXT NOT NULL,                -- JSON: options, policy set, source
-    input_path TEXT,                      -- spooled upload, removed when the job ends
+    input_path TEXT,                      -- spooled upload (SQLite), removed when the job ends
     verdict TEXT, error TEXT,             -- JSON
-    owner TEXT, lease_until REAL, attempts INTEGER NOT NULL DEFAULT 0,
+    owner TEXT, lease_until FLOAT, attempts INTEGER NOT NULL DEFAULT 0,
     webhook_url TEXT, webhook_state TEXT, -- NULL | pending | delivered | failed
-    webhook_attempts INTEGER NOT NULL DEFAULT 0, webhook_due REAL,
-    created_at REAL NOT NULL, updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at);
-CREATE INDEX IF NOT EXISTS jobs_webhook ON jobs (webhook_state, webhook_due);
-"""
+    webhook_attempts INTEGER NOT NULL DEFAULT 0, webhook_due FLOAT,
+    created_at FLOAT NOT NULL, updated_at FLOAT NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at)",
+    "CREATE INDEX IF NOT EXISTS jobs_webhook ON jobs (webhook_state, webhook_due)",
+    # job inputs where the database holds them (PostgreSQL: any node runs any job)
+    "CREATE TABLE IF NOT EXISTS job_inputs (id TEXT PRIMARY KEY, data BYTES NOT NULL)",
+]
+# columns added after the first release: (name, DDL type), added to older databases at start
+_ADDED = [("tenant", "TEXT")]
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class Job:
     webhook_attempts: int
     created_at: float
     updated_at: float
+    tenant: str | None = None       # the API key id that created it (None without keys)
 
     @staticmethod
     def iso(ts: float) -> str:
@@ -57,42 +64,49 @@ class Job:
 
 
 class JobStore:
-    def __init__(self, db_path: str | os.PathLike, spool_dir: str | os.PathLike):
-        self.path = str(db_path)
-        self.spool = Path(spool_dir)
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self.spool.mkdir(parents=True, exist_ok=True)
-        with closing(sqlite3.connect(self.path, timeout=30)) as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
+    """Jobs on a database (`db`: a path, `sqlite:///path` or `postgresql://...`), uploaded
+    inputs in `spool_dir` (SQLite) or in the database (PostgreSQL)."""
 
-    @contextmanager
+    def __init__(self, db: str | os.PathLike, spool_dir: str | os.PathLike):
+        self.db = open_database(os.fspath(db))
+        self.spool = Path(spool_dir)
+        self.spool.mkdir(parents=True, exist_ok=True)
+        self.db.execute_schema(_SCHEMA)
+        have = self.db.columns("jobs")
+        missing = [f"ALTER TABLE jobs ADD COLUMN {n} {t}" for n, t in _ADDED if n not in have]
+        if missing:
+            self.db.execute_schema(missing)
+        self._clean_spool()
+
     def _tx(self, write: bool = True):
-        """One connection per call (thread-safe); writes BEGIN IMMEDIATE so claims never race."""
-        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        return self.db.tx(write)
+
+    def _clean_spool(self) -> None:
+        """Remove spool files no live job needs (a crash mid-upload leaves a `.part`)."""
+        with self._tx(write=False) as db:
+            live = {r["id"] for r in db.execute(
+                "SELECT id FROM jobs WHERE status IN ('queued', 'running')").fetchall()}
+        for f in self.spool.iterdir():
+            if f.is_file() and (f.suffix == ".part" or f.name not in live):
+                with suppress(FileNotFoundError):
+                    f.unlink()
 
     # --- jobs ---------------------------------------------------------------------------------
 
-    def create(self, request: dict, data: bytes | None, webhook_url: str | None) -> Job:
+    def create(self, request: dict, data: bytes | None, webhook_url: str | None,
+               tenant: str | None = None) -> Job:
         job_id = "job-" + uuid.uuid4().hex
         input_path = None
-        if data is not None:
+        if data is not None and not self.db.inputs_in_db:
             input_path = str(self.spool / job_id)
             _write_durably(input_path, data)
         now = time.time()
         with self._tx() as db:
+            if data is not None and self.db.inputs_in_db:
+                db.execute("INSERT INTO job_inputs (id, data) VALUES (?, ?)", (job_id, data))
             db.execute("INSERT INTO jobs (id, status, request, input_path, webhook_url, "
-                       "created_at, updated_at) VALUES (?, 'queued', ?, ?, ?, ?, ?)",
-                       (job_id, json.dumps(request), input_path, webhook_url, now, now))
+                       "tenant, created_at, updated_at) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
+                       (job_id, json.dumps(request), input_path, webhook_url, tenant, now, now))
         job = self.get(job_id)
         assert job is not None, "a job just written is readable"
         return job
@@ -109,7 +123,8 @@ class JobStore:
             while True:
                 row = db.execute(
                     "SELECT * FROM jobs WHERE status = 'queued' OR (status = 'running' AND "
-                    "lease_until < ?) ORDER BY created_at LIMIT 1", (now,)).fetchone()
+                    "lease_until < ?) ORDER BY created_at LIMIT 1" + self.db.lock,
+                    (now,)).fetchone()
                 if row is None:
                     return None
                 if row["attempts"] >= max_attempts:
@@ -154,9 +169,27 @@ class JobStore:
                    "WHERE id = ?",
                    ("failed" if error else "succeeded", _dump(verdict), _dump(error), now,
                     "pending" if row["webhook_url"] else None, now, job_id))
-        if row["input_path"]:
-            with suppress(FileNotFoundError):
-                os.unlink(row["input_path"])
+        if self.db.inputs_in_db:
+            db.execute("DELETE FROM job_inputs WHERE id = ?", (job_id,))
+        for path in (row["input_path"], str(self.spool / job_id)):
+            if path:
+                with suppress(FileNotFoundError):
+                    os.unlink(path)
+
+    def input_file(self, job: Job) -> str | None:
+        """A local file holding the job's upload (fetched from the database where it lives
+        there), or None for a job that names its video by reference."""
+        if not self.db.inputs_in_db:
+            return job.input_path
+        local = self.spool / job.id
+        if not local.exists():
+            with self._tx(write=False) as db:
+                row = db.execute("SELECT data FROM job_inputs WHERE id = ?",
+                                 (job.id,)).fetchone()
+            if row is None:
+                return None
+            _write_durably(str(local), bytes(row["data"]))
+        return str(local)
 
     def counts(self) -> dict[str, int]:
         with self._tx(write=False) as db:
@@ -170,7 +203,8 @@ class JobStore:
         now = time.time()
         with self._tx() as db:
             row = db.execute("SELECT * FROM jobs WHERE webhook_state = 'pending' AND "
-                             "webhook_due <= ? ORDER BY webhook_due LIMIT 1", (now,)).fetchone()
+                             "webhook_due <= ? ORDER BY webhook_due LIMIT 1" + self.db.lock,
+                             (now,)).fetchone()
             if row is None:
                 return None
             db.execute("UPDATE jobs SET webhook_due = ?, webhook_attempts = webhook_attempts + 1"
@@ -185,13 +219,13 @@ class JobStore:
                        (state, time.time() + retry_in_s, job_id))
 
 
-def _job(row: sqlite3.Row) -> Job:
+def _job(row) -> Job:
     return Job(id=row["id"], status=row["status"], request=json.loads(row["request"]),
                input_path=row["input_path"], verdict=_load(row["verdict"]),
                error=_load(row["error"]), attempts=row["attempts"],
                webhook_url=row["webhook_url"], webhook_state=row["webhook_state"],
                webhook_attempts=row["webhook_attempts"], created_at=row["created_at"],
-               updated_at=row["updated_at"])
+               updated_at=row["updated_at"], tenant=row["tenant"])
 
 
 def _dump(value: dict | None) -> str | None:

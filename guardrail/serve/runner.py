@@ -103,7 +103,7 @@ class JobRunner:
         renew = asyncio.create_task(self._renew(job.id))
         verdict = error = None
         try:
-            request, frames, source = self._decode_request(job)
+            request, frames, source = await asyncio.to_thread(self._decode_request, job)
             result = await self.moderator.moderate(source, request, frames, self.settings.timeout_s)
             verdict = result.model_dump(mode="json")
         except asyncio.CancelledError:
@@ -129,7 +129,7 @@ class JobRunner:
         src = r["source"]
         sources: Sources = self.moderator.sources
         if src.get("spooled"):
-            source: Source = Media(src["kind"], path=job.input_path)
+            source: Source = Media(src["kind"], path=self.store.input_file(job))
         else:  # the allow-lists are checked again: they may have changed since
             source = sources.from_url(src.get("url") or src["path"], src["kind"])
         return JudgeRequest(policies, r["mode"], r["keep_ratio"]), r["frames"], source

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -20,6 +21,8 @@ from guardrail.video import SamplingConfig, VideoLimits
 
 SHIPPED_POLICIES = shipped_dir("policies")
 API_KEYS_ENV = "GUARDRAIL_API_KEYS"
+ADMIN_KEYS_ENV = "GUARDRAIL_ADMIN_KEYS"
+DB_URL_ENV = "GUARDRAIL_DB_URL"
 
 
 class _Settings(BaseModel):
@@ -58,8 +61,13 @@ class Load(_Settings):
 
 
 class Jobs(_Settings):
-    db_path: str = Field("guardrail-jobs.sqlite", description="SQLite file; created if missing.")
-    spool_dir: str | None = Field(None, description="Uploaded job inputs; default <db>.inputs.")
+    db_url: str | None = Field(None, description="Job store: sqlite:///path or postgresql://"
+                               "user@host/db (shared by every ingress replica on any node); "
+                               "default: sqlite at db_path.")
+    db_path: str = Field("guardrail-jobs.sqlite", description="SQLite file when db_url is not "
+                         "set; created if missing.")
+    spool_dir: str | None = Field(None, description="Uploaded job inputs (SQLite) or local "
+                                  "copies of them (PostgreSQL); default <db>.inputs.")
     workers: int = Field(1, ge=0, description="Jobs run at once per ingress (0: accept only).")
     max_queued: int = Field(1000, ge=1, description="Queued jobs before POST /v1/jobs is 429.")
     lease_s: float = Field(30.0, gt=0, description="A running job not renewed this long resumes.")
@@ -75,8 +83,20 @@ class Jobs(_Settings):
         description="URL prefixes a webhook_url may use. A bare scheme allows public "
                     "addresses only; an entry naming a host allows that host wherever it points.")
 
+    def url(self) -> str:
+        """The store's URL: db_url, else $GUARDRAIL_DB_URL (keeps a password out of the
+        config), else the SQLite file db_path."""
+        return self.db_url or os.environ.get(DB_URL_ENV) or self.db_path
+
+    def postgres(self) -> bool:
+        return self.url().startswith(("postgresql://", "postgres://"))
+
     def spool(self) -> Path:
-        return Path(self.spool_dir) if self.spool_dir else Path(self.db_path + ".inputs")
+        if self.spool_dir:
+            return Path(self.spool_dir)
+        if self.postgres():          # local copies only, one folder per process
+            return Path(tempfile.gettempdir()) / f"guardrail-job-inputs-{os.getpid()}"
+        return Path(self.url().removeprefix("sqlite:///") + ".inputs")
 
 
 class ServiceSettings(_Settings):
@@ -99,6 +119,8 @@ class ServiceSettings(_Settings):
     decoder: str = "auto"
     host: str | None = Field(None, description="Interface the HTTP proxy binds; None = unknown.")
     api_keys: list[str] = Field(default_factory=list, description=f"Also ${API_KEYS_ENV}.")
+    admin_keys: list[str] = Field(default_factory=list, description=f"Keys that may read every "
+                                  f"job (and change policies); also ${ADMIN_KEYS_ENV}.")
     allow_paths: list[str] = Field(default_factory=list, description="Readable server dirs.")
     allow_urls: list[str] = Field(default_factory=list, description="Fetchable URL prefixes.")
     limits: Limits = Field(default_factory=Limits)
@@ -120,9 +142,14 @@ class ServiceSettings(_Settings):
         return SamplingConfig(num_frames=frames or self.frames, window_s=self.window_s)
 
     def keys(self) -> frozenset[str]:
-        """API keys from the settings and from $GUARDRAIL_API_KEYS (comma-separated)."""
+        """Every accepted key: API and admin keys from the settings and from $GUARDRAIL_API_KEYS
+        and $GUARDRAIL_ADMIN_KEYS (comma-separated)."""
         extra = [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",")]
-        return frozenset(k for k in [*self.api_keys, *extra] if k)
+        return frozenset(k for k in [*self.api_keys, *extra] if k) | self.admins()
+
+    def admins(self) -> frozenset[str]:
+        extra = [k.strip() for k in os.environ.get(ADMIN_KEYS_ENV, "").split(",")]
+        return frozenset(k for k in [*self.admin_keys, *extra] if k)
 
     def check_auth(self) -> None:
         """API keys are optional on loopback and required on any other (or unknown) interface."""

@@ -1,0 +1,154 @@
+"""The databases a job store runs on: SQLite (embedded, the default) and PostgreSQL (for
+clusters: every ingress replica on any node shares it). One SQL text serves both; a backend
+says how to connect, how a transaction that claims rows is opened, its placeholders and column
+types, and where job inputs live (SQLite: spool files beside the database; PostgreSQL: a table,
+so a job uploaded on one node runs on any other).
+
+    db = open_database("sqlite:///var/lib/guardrail/jobs.sqlite")
+    db = open_database("postgresql://guardrail@db.internal/guardrail")
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+from guardrail.errors import UsageError
+
+
+class Database(Protocol):
+    url: str
+    lock: str                   # appended to a SELECT whose rows the transaction will update
+    inputs_in_db: bool          # job inputs stored in the database (else spool files)
+
+    def tx(self, write: bool = True) -> Any:
+        """Context manager: a connection inside one transaction (committed on success)."""
+
+    def execute_schema(self, statements: list[str]) -> None:
+        ...
+
+    def columns(self, table: str) -> set[str]:
+        ...
+
+
+_TYPES = {"sqlite": {"FLOAT": "REAL", "BYTES": "BLOB"},
+          "postgresql": {"FLOAT": "DOUBLE PRECISION", "BYTES": "BYTEA"}}
+
+
+def schema_for(kind: str, statements: list[str]) -> list[str]:
+    """Portable DDL: `FLOAT` and `BYTES` become the backend's types."""
+    types = _TYPES[kind]
+    return [re.sub(r"\b(FLOAT|BYTES)\b", lambda m: types[m.group(1)], s) for s in statements]
+
+
+class SQLite:
+    lock = ""
+    inputs_in_db = False
+    kind = "sqlite"
+
+    def __init__(self, path: str):
+        self.path = path
+        self.url = f"sqlite:///{path}"
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with closing(sqlite3.connect(path, timeout=30)) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+
+    @contextmanager
+    def tx(self, write: bool = True) -> Iterator[Any]:
+        """One connection per call (thread-safe); writes BEGIN IMMEDIATE so claims never race."""
+        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def execute_schema(self, statements: list[str]) -> None:
+        with closing(sqlite3.connect(self.path, timeout=30)) as db:
+            for s in schema_for(self.kind, statements):
+                db.execute(s)
+            db.commit()
+
+    def columns(self, table: str) -> set[str]:
+        with closing(sqlite3.connect(self.path, timeout=30)) as db:
+            return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+
+
+class _PgConnection:
+    """A psycopg connection that takes the store's `?` placeholders."""
+
+    def __init__(self, conn: Any):
+        self._conn = conn
+
+    def execute(self, sql: str, params: tuple = ()) -> Any:
+        return self._conn.execute(sql.replace("?", "%s"), params)
+
+
+class Postgres:
+    lock = " FOR UPDATE SKIP LOCKED"
+    inputs_in_db = True
+    kind = "postgresql"
+
+    def __init__(self, url: str, connect_timeout_s: float = 10.0):
+        try:
+            import psycopg
+            from psycopg.rows import dict_row
+        except ImportError:
+            raise UsageError("jobs.db_url is PostgreSQL but psycopg is not installed "
+                             "(pip install 'guardrail[serve]')") from None
+        self.url = url
+        self._psycopg, self._rows = psycopg, dict_row
+        self._timeout = connect_timeout_s
+        try:
+            with self._connect():
+                pass
+        except psycopg.Error as err:
+            raise UsageError(f"cannot reach the job database {_safe(url)}: "
+                             f"{' '.join(str(err).split())[:200]}") from None
+
+    def _connect(self) -> Any:
+        return self._psycopg.connect(self.url, row_factory=self._rows,
+                                     connect_timeout=max(1, int(self._timeout)))
+
+    @contextmanager
+    def tx(self, write: bool = True) -> Iterator[Any]:
+        with self._connect() as conn:          # commits on success, rolls back on error
+            yield _PgConnection(conn)
+
+    def execute_schema(self, statements: list[str]) -> None:
+        with self._connect() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(7240117)")   # replicas start together
+            for s in schema_for(self.kind, statements):
+                conn.execute(s)
+
+    def columns(self, table: str) -> set[str]:
+        with self._connect() as conn:
+            rows = conn.execute("SELECT column_name FROM information_schema.columns "
+                                "WHERE table_name = %s", (table,)).fetchall()
+        return {r["column_name"] for r in rows}
+
+
+def open_database(url: str) -> SQLite | Postgres:
+    """`sqlite:///path` (or a plain path) or `postgresql://...`."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return Postgres(url)
+    if url.startswith("sqlite:///"):
+        return SQLite(url.removeprefix("sqlite:///") or "guardrail-jobs.sqlite")
+    if "://" in url:
+        raise UsageError(f"jobs.db_url must be sqlite:///path or postgresql://..., not "
+                         f"{_safe(url)}")
+    return SQLite(os.fspath(url))
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
