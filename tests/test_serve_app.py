@@ -391,3 +391,47 @@ def test_a_policy_too_long_for_the_context_is_refused_before_any_tensor(tiny_mod
     got = CliRunner().invoke(cli, ["check", str(tmp_path / "v.mp4"), "--model", str(model),
                                    "--policy", str(policy)])
     assert got.exit_code == 2 and "context is 4,096 tokens" in got.stderr, got.output
+
+
+def test_a_full_server_refuses_before_reading_the_body(engine, tmp_path, clip):
+    """With every in-flight slot taken (here by a slow upload), the next request is answered
+    429 without one byte of its body read, however large it says it is."""
+    app = create_app(LocalJudge(engine), settings(tmp_path, load=Load(max_inflight=1)))
+    body = b'{"video_base64": "' + base64.b64encode(clip) + b'"}'
+
+    def scope():
+        return {"type": "http", "method": "POST", "path": "/v1/moderate", "raw_path": b"",
+                "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
+                "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1),
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]}
+
+    async def run():
+        release, reads, sent = asyncio.Event(), {"slow": 0, "next": 0}, {}
+
+        def receiver(name, first_only):
+            async def receive():
+                reads[name] += 1
+                if reads[name] == 1:
+                    return {"type": "http.request", "body": body[:10], "more_body": True}
+                if first_only:
+                    await release.wait()
+                return {"type": "http.request", "body": body[10:], "more_body": False}
+            return receive
+
+        def sender(name):
+            async def send(message):
+                if message["type"] == "http.response.start":
+                    sent[name] = message["status"]
+            return send
+
+        slow = asyncio.create_task(app(scope(), receiver("slow", True), sender("slow")))
+        while reads["slow"] == 0:                       # the slow upload holds the slot
+            await asyncio.sleep(0.01)
+        await app(scope(), receiver("next", False), sender("next"))
+        assert sent["next"] == 429 and reads["next"] == 0
+        release.set()
+        await slow
+        return sent["slow"]
+
+    assert asyncio.run(run()) == 200                   # the slow one still succeeded

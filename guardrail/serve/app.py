@@ -32,7 +32,7 @@ from guardrail.serve.errors import (
 from guardrail.serve.inputs import Media, read_body
 from guardrail.serve.jobs import JobStore
 from guardrail.serve.judge import Judge
-from guardrail.serve.limits import BodyLimit
+from guardrail.serve.limits import Admission, BodyLimit
 from guardrail.serve.metrics import CONTENT_TYPE, Metrics
 from guardrail.serve.pipeline import Moderator
 from guardrail.serve.registry import PolicyRegistry
@@ -58,6 +58,9 @@ _BODY = {"requestBody": {"content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/JobJSON"}}}}}
 
 
+ADMITTED = frozenset({"/v1/moderate", "/v1/moderations", "/v1/jobs"})   # in-flight slots
+
+
 def create_app(judge: Judge, settings: ServiceSettings | None = None) -> FastAPI:
     """The service over `judge`. Raises `UsageError` for settings it cannot serve with (API keys
     missing on a non-loopback interface, a bad policies directory)."""
@@ -80,6 +83,7 @@ def create_app(judge: Judge, settings: ServiceSettings | None = None) -> FastAPI
     app = FastAPI(title="guardrail", version="1", lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
+    app.add_middleware(Admission, moderator=moderator, paths=ADMITTED)   # outermost: first
     app.middleware("http")(_observe(metrics))
     app.include_router(_api(moderator, registry, store, runner, settings),
                        dependencies=[Depends(_auth(settings.keys(), settings.admins()))])
@@ -96,8 +100,7 @@ def _api(moderator: Moderator, registry: PolicyRegistry, store: JobStore, runner
     async def moderate(request: Request) -> Verdict:
         fields, source = await read_body(request, ModerateJSON, moderator.sources)
         req = moderator.request(fields)
-        with moderator.admitted():
-            return await moderator.moderate(source, req, fields.frames)
+        return await moderator.moderate(source, req, fields.frames)
 
     @api.post("/moderations", response_model=ModerationsResponse,
               dependencies=[Depends(_json_body)])
@@ -111,8 +114,7 @@ def _api(moderator: Moderator, registry: PolicyRegistry, store: JobStore, runner
                    else moderator.sources.from_url(p.image_url.url, "image") for p in parts]
         options = body.options()
         req = moderator.request(options)
-        with moderator.admitted():
-            verdicts = await _all([moderator.moderate(s, req, options.frames) for s in sources])
+        verdicts = await _all([moderator.moderate(s, req, options.frames) for s in sources])
         results = [ModerationResult.of(v, s.kind) for v, s in zip(verdicts, sources,
                                                                   strict=True)]
         return ModerationsResponse(id=f"modr-{uuid.uuid4().hex}", model=verdicts[0].model,

@@ -1,4 +1,6 @@
-"""Request body size limit, enforced while the body streams in (not after it is buffered)."""
+"""Admission before the body: a request is admitted (an in-flight slot, `Content-Length` within
+the limit) before a byte of its body is read, and its size is enforced while the body streams
+in (not after it is buffered). A full server answers 429 at once, however large the upload."""
 
 from __future__ import annotations
 
@@ -38,3 +40,27 @@ class BodyLimit:
 
     def _error(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"request body is over the limit of {self.max_bytes} bytes")
+
+
+class Admission:
+    """Holds one of `moderator`'s in-flight slots for the whole of each moderation request
+    (POST to `paths`), taken before the body is read; 429 with Retry-After when none is free."""
+
+    def __init__(self, app: ASGIApp, moderator, paths: frozenset[str]):
+        self.app, self.moderator, self.paths = app, moderator, paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST" or \
+                scope.get("path") not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        try:
+            slot = self.moderator.admitted()
+            slot.__enter__()
+        except Exception as err:            # Overloaded: answered before the body is read
+            await error_response(err)(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            slot.__exit__(None, None, None)
