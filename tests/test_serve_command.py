@@ -127,3 +127,72 @@ def test_local_backend_serves_the_openai_client(tmp_path, tiny_model, video_file
         server.stop()
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{server.url}/healthz", timeout=2)
+
+
+SERVE_UNTIL_SIGTERM = """
+import sys
+from guardrail.serve.command import serve
+model, port, db, backend = sys.argv[1:5]
+serve(model, port=int(port), backend=backend, jobs_db=db, ready_timeout_s=300)
+print("exited cleanly", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_drains_in_flight_requests(tmp_path, tiny_model, video_files):
+    backend = "local"
+    import re
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_UNTIL_SIGTERM, str(tiny_model()),
+                             str(port), str(tmp_path / "jobs.sqlite"), backend],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:                                           # ready when /healthz is 200
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.1)
+        clip = video_files["mp4_h264"].read_bytes()
+        statuses: list[int] = []
+
+        def one() -> None:
+            reply = httpx.post(f"{url}/v1/moderate", timeout=120,
+                               files={"file": ("v.mp4", clip, "video/mp4")},
+                               data={"mode": "explain"})
+            statuses.append(reply.status_code)
+
+        clients = [threading.Thread(target=one) for _ in range(8)]
+        for t in clients:
+            t.start()
+        while True:                                           # all 8 are in the service
+            text = httpx.get(f"{url}/metrics", timeout=5).text
+            inflight = re.search(r'guardrail_queue_depth\{queue="requests"\} ([\d.]+)', text)
+            if inflight and float(inflight.group(1)) >= 8:
+                break
+            assert time.monotonic() < deadline and len(statuses) < 8, "requests not in flight"
+        proc.send_signal(signal.SIGTERM)
+        for t in clients:
+            t.join(timeout=120)
+        with pytest.raises(httpx.HTTPError):                 # no longer accepting
+            httpx.get(f"{url}/healthz", timeout=2)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert statuses == [200] * 8                             # every in-flight request answered
+    assert proc.returncode == 0 and "exited cleanly" in out

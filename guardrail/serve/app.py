@@ -64,6 +64,12 @@ ADMITTED = frozenset({"/v1/moderate", "/v1/moderations", "/v1/jobs"})   # in-fli
 def create_app(judge: Judge, settings: ServiceSettings | None = None) -> FastAPI:
     """The service over `judge`. Raises `UsageError` for settings it cannot serve with (API keys
     missing on a non-loopback interface, a bad policies directory)."""
+    return build_app(judge, settings)[0]
+
+
+def build_app(judge: Judge, settings: ServiceSettings | None = None
+              ) -> tuple[FastAPI, Moderator]:
+    """`create_app`, plus the moderator that admits requests (its `drain` shuts the door)."""
     settings = settings or ServiceSettings(host="127.0.0.1")
     settings.check_auth()
     registry = PolicyRegistry(settings.policies_dir, settings.policy_set)
@@ -88,7 +94,7 @@ def create_app(judge: Judge, settings: ServiceSettings | None = None) -> FastAPI
     app.include_router(_api(moderator, registry, store, runner, settings),
                        dependencies=[Depends(_auth(settings.keys(), settings.admins()))])
     app.include_router(_open(judge, moderator, store, metrics))
-    return app
+    return app, moderator
 
 
 def _api(moderator: Moderator, registry: PolicyRegistry, store: JobStore, runner: JobRunner,
@@ -158,6 +164,8 @@ def _open(judge: Judge, moderator: Moderator, store: JobStore, metrics: Metrics)
 
     @router.get("/healthz", response_model=Health)
     async def healthz() -> Health:
+        if moderator.draining:                          # load balancers: send no more
+            raise Unavailable("the service is shutting down", 1)
         try:
             info = await asyncio.wait_for(judge.info(), 5.0)
         except Exception as err:

@@ -190,15 +190,19 @@ def _start_ray(cfg: ServeConfig, address: str | None, num_gpus: float | None) ->
                  include_dashboard=False, logging_level="warning")
 
     def stop() -> None:
-        """Our own local Ray goes entirely; on a Ray we did not start, only our application."""
+        """Our own local Ray goes entirely; on a Ray we did not start, only our application.
+        Deleting the application first drains it: replicas take no new requests and finish
+        the ones they hold (up to graceful_shutdown_timeout_s, the drain timeout)."""
+        drain = cfg.settings.load.drain_timeout_s
+        with suppress(Exception):  # Serve may not have started
+            ingress = ray_serve.get_deployment_handle(INGRESS, cfg.app_name)
+            ingress.drain.remote(drain).result(timeout_s=drain + 10)
+        with suppress(Exception):
+            ray_serve.delete(cfg.app_name)
         if started and not address:
             ray_serve.shutdown()
+        if started:
             ray.shutdown()
-        else:
-            with suppress(Exception):  # Serve may not have started
-                ray_serve.delete(cfg.app_name)
-            if started:
-                ray.shutdown()
 
     try:
         model_opts = dict(cfg.deployments.get(MODEL, {}))
@@ -210,8 +214,10 @@ def _start_ray(cfg: ServeConfig, address: str | None, num_gpus: float | None) ->
         if actor["num_gpus"] > have and not address:
             raise UsageError(f"{MODEL} asks for {actor['num_gpus']} GPU(s); this Ray has {have}")
         data = cfg.settings.model_dump(mode="json")
-        model = GuardModel.options(**model_opts).bind(data)
-        app = GuardIngress.options(**cfg.deployments.get(INGRESS, {})).bind(model, data)
+        drain = {"graceful_shutdown_timeout_s": cfg.settings.load.drain_timeout_s}
+        model = GuardModel.options(**{**drain, **model_opts}).bind(data)
+        app = GuardIngress.options(**{**drain, **cfg.deployments.get(INGRESS, {})}).bind(
+            model, data)
         ray_serve.start(http_options=cfg.http_options, proxy_location=cfg.proxy_location)
         ray_serve.run(app, name=cfg.app_name, route_prefix=cfg.route_prefix)
     except BaseException as err:
@@ -237,15 +243,18 @@ def _start_local(cfg: ServeConfig) -> tuple[Callable[[], None], int]:
         sock.close()
         raise
     port = sock.getsockname()[1]
+    drain = s.load.drain_timeout_s
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=port, log_level="warning",
-                                           lifespan="on"))
+                                           lifespan="on", timeout_graceful_shutdown=drain))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
                               name="guardrail-uvicorn", daemon=True)
     thread.start()
 
     def stop() -> None:
+        """Graceful: the socket stops accepting at once, in-flight requests finish (up to the
+        drain timeout), then the lifespan ends (running jobs are released to the queue)."""
         server.should_exit = True
-        thread.join(timeout=30)
+        thread.join(timeout=drain + 30)
         sock.close()
 
     return stop, port

@@ -108,10 +108,16 @@ class GuardIngress:
         self.settings = ServiceSettings.model_validate(settings)
 
     def __serve_build_asgi_app__(self):
-        from guardrail.serve.app import create_app
+        from guardrail.serve.app import build_app
 
         judge = RayJudge(self.model, self.settings.load.retry_after_s)
-        return create_app(judge, self.settings)
+        app, self._moderator = build_app(judge, self.settings)
+        return app
+
+    async def drain(self, timeout_s: float) -> int:
+        """Shutting down: refuse new requests (503), wait for the in-flight ones. Returns how
+        many were still running at the deadline."""
+        return await self._moderator.drain(timeout_s)
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:

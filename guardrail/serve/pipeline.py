@@ -11,7 +11,7 @@ import asyncio
 import time
 from contextlib import contextmanager
 
-from guardrail.serve.errors import BadRequest, Overloaded, RequestTimeout
+from guardrail.serve.errors import BadRequest, Overloaded, RequestTimeout, Unavailable
 from guardrail.serve.inputs import Source, Sources
 from guardrail.serve.judge import Judge, JudgeRequest
 from guardrail.serve.metrics import Metrics
@@ -30,11 +30,16 @@ class Moderator:
         self.metrics = metrics
         self.sources = Sources(settings)
         self.inflight = 0
+        self.draining = False
         self._decoders = asyncio.Semaphore(settings.load.decode_workers)
 
     @contextmanager
     def admitted(self):
-        """A slot for one request, or 429 when `load.max_inflight` are already in."""
+        """A slot for one request, or 429 when `load.max_inflight` are already in (503 while
+        the service drains for shutdown)."""
+        if self.draining:
+            raise Unavailable("the service is shutting down; retry on another replica",
+                              self.settings.load.retry_after_s)
         if self.inflight >= self.settings.load.max_inflight:
             raise Overloaded(f"server is busy ({self.inflight} requests in flight)",
                              self.settings.load.retry_after_s)
@@ -43,6 +48,15 @@ class Moderator:
             yield
         finally:
             self.inflight -= 1
+
+    async def drain(self, timeout_s: float) -> int:
+        """Take no new requests; wait for the in-flight ones (up to `timeout_s`). Returns how
+        many were still running at the deadline."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.inflight
 
     def request(self, options: Options) -> JudgeRequest:
         """Validate the options before any decoding (bad policy YAML is a 422 at once)."""

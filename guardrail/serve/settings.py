@@ -58,6 +58,9 @@ class Load(_Settings):
     decode_workers: int = Field(2, ge=1, description="Threads decoding videos per ingress.")
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 429/503 replies.")
     request_timeout_s: float = Field(120.0, gt=0, description="Bound on one moderation call.")
+    drain_timeout_s: float = Field(60.0, ge=0, description="On SIGTERM: stop accepting, give "
+                                   "in-flight requests this long to finish, then exit (running "
+                                   "jobs go back to the queue).")
 
 
 class Jobs(_Settings):
