@@ -352,6 +352,12 @@ def test_image_as_video_from_array_and_bytes():
     assert np.array_equal(gray.clips[0].frames[0], frame)
 
 
+def test_error_messages_never_show_python_object_reprs():
+    with pytest.raises(UnsupportedVideoError) as got:
+        image_as_video(b"not an image")
+    assert "object at 0x" not in str(got.value) and "BytesIO" not in str(got.value)
+
+
 def test_image_as_video_bad_input():
     with pytest.raises(UnsupportedVideoError):
         image_as_video(b"not an image")

@@ -34,6 +34,7 @@ from guardrail.serve.jobs import JobStore
 from guardrail.serve.judge import Judge
 from guardrail.serve.limits import Admission, BodyLimit
 from guardrail.serve.metrics import CONTENT_TYPE, Metrics
+from guardrail.serve.openapi import complete
 from guardrail.serve.pipeline import Moderator
 from guardrail.serve.registry import PolicyRegistry
 from guardrail.serve.runner import JobRunner, job_request, job_view
@@ -51,12 +52,6 @@ from guardrail.serve.schemas import (
 )
 from guardrail.serve.settings import ServiceSettings
 from guardrail.verdict import Verdict
-
-_BODY = {"requestBody": {"content": {
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "file": {"type": "string", "format": "binary"}}}},
-    "application/json": {"schema": {"$ref": "#/components/schemas/JobJSON"}}}}}
-
 
 ADMITTED = frozenset({"/v1/moderate", "/v1/moderations", "/v1/jobs"})   # in-flight slots
 
@@ -94,6 +89,14 @@ def build_app(judge: Judge, settings: ServiceSettings | None = None
     app.include_router(_api(moderator, registry, store, runner, settings),
                        dependencies=[Depends(_auth(settings.keys(), settings.admins()))])
     app.include_router(_open(judge, moderator, store, metrics))
+    inferred = app.openapi
+
+    def documented() -> dict:
+        if not app.openapi_schema:
+            app.openapi_schema = complete(inferred())
+        return app.openapi_schema
+
+    app.openapi = documented
     return app, moderator
 
 
@@ -102,7 +105,7 @@ def _api(moderator: Moderator, registry: PolicyRegistry, store: JobStore, runner
     api = APIRouter(prefix="/v1")
     hook_rules = webhooks.rules(settings.jobs.webhook_allow)
 
-    @api.post("/moderate", response_model=Verdict, openapi_extra=_BODY)
+    @api.post("/moderate", response_model=Verdict)
     async def moderate(request: Request) -> Verdict:
         fields, source = await read_body(request, ModerateJSON, moderator.sources)
         req = moderator.request(fields)
@@ -126,7 +129,7 @@ def _api(moderator: Moderator, registry: PolicyRegistry, store: JobStore, runner
         return ModerationsResponse(id=f"modr-{uuid.uuid4().hex}", model=verdicts[0].model,
                                    results=results)
 
-    @api.post("/jobs", response_model=JobCreated, status_code=202, openapi_extra=_BODY)
+    @api.post("/jobs", response_model=JobCreated, status_code=202)
     async def create_job(request: Request) -> JobCreated:
         fields, source = await read_body(request, JobJSON, moderator.sources)
         req = moderator.request(fields)

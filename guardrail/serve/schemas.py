@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from guardrail.verdict import Mode, Verdict
 
@@ -23,6 +23,14 @@ class Options(_Request):
     mode: Mode | None = None
     keep_ratio: float | None = Field(None, gt=0.0, le=1.0)
     frames: int | None = Field(None, ge=1, description="Frames per window.")
+
+    @field_validator("frames", "keep_ratio", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value):
+        """JSON `true` is not 1 (pydantic's lax mode would take it)."""
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not a boolean")
+        return value
 
 
 class ModerateJSON(Options):
@@ -108,6 +116,12 @@ class ModerationsResponse(BaseModel):
 class ErrorInfo(BaseModel):
     type: str
     message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error reply: `{"error": {"type": ..., "message": ...}}`."""
+
+    error: ErrorInfo
 
 
 class JobCreated(BaseModel):

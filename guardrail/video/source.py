@@ -82,9 +82,11 @@ def _translate(what: str) -> Iterator[None]:
 
 
 _LOG_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: |\[Errno -?\d+\] ")
+_OBJECT_REPR = re.compile(r"'?<[\w.]+ object at 0x[0-9a-fA-F]+>'?")   # e.g. Pillow's BytesIO
 
 
 def _one_line(err: BaseException) -> str:
     """An exception's message on one line, without decord's log prefixes or file names."""
     text = getattr(err, "strerror", None) or str(err) or type(err).__name__
-    return _LOG_PREFIX.sub("", " ".join(str(text).split()))[:200]
+    text = _OBJECT_REPR.sub("the input", " ".join(str(text).split()))
+    return _LOG_PREFIX.sub("", text)[:200]
