@@ -156,6 +156,7 @@ def test_sigterm_drains_in_flight_requests(tmp_path, tiny_model, video_files):
                              str(port), str(tmp_path / "jobs.sqlite"), backend],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
+    err = ""
     try:
         deadline = time.monotonic() + 300
         while True:                                           # ready when /healthz is 200
@@ -190,9 +191,9 @@ def test_sigterm_drains_in_flight_requests(tmp_path, tiny_model, video_files):
             t.join(timeout=120)
         with pytest.raises(httpx.HTTPError):                 # no longer accepting
             httpx.get(f"{url}/healthz", timeout=2)
-        out, _ = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert statuses == [200] * 8                             # every in-flight request answered
+    assert statuses == [200] * 8, (proc.returncode, err[-3000:])   # all in flight answered
     assert proc.returncode == 0 and "exited cleanly" in out

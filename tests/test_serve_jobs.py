@@ -175,7 +175,7 @@ def test_jobs_survive_a_restart_and_resume(engine, tmp_path, clip):
         assert c.get(f"/v1/jobs/{done['id']}").json() == done
         for job_id in (queued.id, crashed.id):
             assert wait_job(c, job_id)["status"] == "succeeded"
-    assert not any((tmp_path / "jobs.sqlite.inputs").iterdir())  # spooled inputs cleaned up
+    assert not any(p.is_file() for p in (tmp_path / "jobs.sqlite.inputs").rglob("*"))  # cleaned
 
 
 def test_webhook_retries_with_backoff(engine, tmp_path, clip):

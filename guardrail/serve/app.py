@@ -108,8 +108,12 @@ def _api(moderator: Moderator, registry: PolicyRegistry, store: JobStore, runner
     @api.post("/moderate", response_model=Verdict)
     async def moderate(request: Request) -> Verdict:
         fields, source = await read_body(request, ModerateJSON, moderator.sources)
-        req = moderator.request(fields)
-        return await moderator.moderate(source, req, fields.frames)
+        try:
+            req = moderator.request(fields)
+            return await moderator.moderate(source, req, fields.frames)
+        finally:
+            if isinstance(source, Media):
+                source.discard()
 
     @api.post("/moderations", response_model=ModerationsResponse,
               dependencies=[Depends(_json_body)])
@@ -132,6 +136,13 @@ def _api(moderator: Moderator, registry: PolicyRegistry, store: JobStore, runner
     @api.post("/jobs", response_model=JobCreated, status_code=202)
     async def create_job(request: Request) -> JobCreated:
         fields, source = await read_body(request, JobJSON, moderator.sources)
+        try:
+            return await _create_job(request, fields, source)
+        finally:
+            if isinstance(source, Media):
+                source.discard()
+
+    async def _create_job(request: Request, fields: JobJSON, source) -> JobCreated:
         req = moderator.request(fields)
         webhook = None
         if fields.webhook_url is not None:           # checked now, and again at delivery
@@ -142,8 +153,9 @@ def _api(moderator: Moderator, registry: PolicyRegistry, store: JobStore, runner
         if queued >= settings.jobs.max_queued:
             raise Overloaded(f"{queued} jobs are queued; try later", settings.load.retry_after_s)
         data = source.data if isinstance(source, Media) else None
+        upload = source.path if isinstance(source, Media) and source.upload else None
         job = await asyncio.to_thread(store.create, job_request(req, fields.frames, source),
-                                      data, webhook, request.state.caller.key)
+                                      data, webhook, request.state.caller.key, upload)
         runner.notify()
         return JobCreated(id=job.id, status=job.status)
 

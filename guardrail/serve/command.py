@@ -72,6 +72,8 @@ def serve(model: str | None = None, config: str | os.PathLike | None = None,
     cfg = load_config(config, model=model, host=host, port=port, api_keys=api_keys,
                       jobs_db=jobs_db, policies_dir=policies_dir)
     cfg.settings.check_auth()
+    # caught from here on: a SIGTERM while starting still drains and exits cleanly
+    stopping = _catch_signals(threading.Event(), signal.SIGTERM) if block else None
     if backend not in ("ray", "local"):
         raise UsageError(f"backend must be ray or local, not {backend!r}")
     if backend == "ray" and cfg.port == 0:  # the proxy would bind a port nobody can learn
@@ -95,7 +97,10 @@ def serve(model: str | None = None, config: str | os.PathLike | None = None,
     if not block:
         return Server(url, stop)
     print(f"guardrail: serving on {url} (backend {backend}); Ctrl-C stops", file=sys.stderr)
-    _wait_for_signal()
+    assert stopping is not None
+    _catch_signals(stopping, signal.SIGINT)          # Ctrl-C: the same graceful stop now
+    while not stopping.wait(1.0):
+        pass
     stop()
     return None
 
@@ -291,12 +296,11 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _wait_for_signal() -> None:
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+def _catch_signals(done: threading.Event, *signals: int) -> threading.Event:
+    """These signals set `done` instead of ending the process."""
+    for sig in signals:
         signal.signal(sig, lambda *_: done.set())
-    while not done.wait(1.0):
-        pass
+    return done
 
 
 def _first_line(err: BaseException) -> str:

@@ -12,7 +12,10 @@ import base64
 import binascii
 import os
 import re
+import tempfile
+from contextlib import suppress
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -42,11 +45,19 @@ _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*
 
 @dataclass(frozen=True)
 class Media:
-    """A video (or image) to judge: bytes in memory, or an allow-listed server file."""
+    """A video (or image) to judge: bytes in memory, an allow-listed server file, or (`upload`)
+    a multipart upload streamed to a temporary file this request owns."""
 
     kind: Kind
     data: bytes | None = None
     path: str | None = None
+    upload: bool = False
+
+    def discard(self) -> None:
+        """Remove the temporary file of an upload (once the request is done with it)."""
+        if self.upload and self.path:
+            with suppress(FileNotFoundError):
+                os.unlink(self.path)
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,8 @@ class Sources:
     def __init__(self, settings: ServiceSettings):
         self.settings = settings
         self.limits = settings.limits
+        # this process's uploads in flight (a folder per process: replicas may share a spool)
+        self.upload_dir = settings.jobs.spool() / f"uploads-{os.getpid()}"
         self._paths = [os.path.realpath(p) for p in settings.allow_paths]
         try:
             self._urls = [parse_url(u) for u in settings.allow_urls]
@@ -199,9 +212,30 @@ async def _read_form(request: Request, schema: type[S], sources: Sources) -> tup
     limit = sources.limits.max_upload_bytes
     if upload.size is not None and upload.size > limit:
         raise VideoTooLargeError(f"upload is {upload.size} bytes, over the limit of {limit}")
-    data = await upload.read()
     kind: Kind = "image" if (upload.content_type or "").startswith("image/") else "video"
-    return fields, Media(kind, data)
+    path = await asyncio.to_thread(_stream_to_file, upload.file, sources.upload_dir, limit)
+    return fields, Media(kind, path=path, upload=True)
+
+
+def _stream_to_file(src, folder: Path, limit: int) -> str:
+    """Copy an upload to a new file in `folder` a megabyte at a time (memory stays flat),
+    enforcing `limit` as the bytes arrive."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix="upload-", dir=folder)
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            src.seek(0)
+            while chunk := src.read(1 << 20):
+                size += len(chunk)
+                if size > limit:
+                    raise VideoTooLargeError(f"upload is over the limit of {limit} bytes")
+                out.write(chunk)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+    return path
 
 
 def _json_source(fields: BaseModel, sources: Sources) -> Source:

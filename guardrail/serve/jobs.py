@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import uuid
 from contextlib import suppress
@@ -90,13 +91,21 @@ class JobStore:
             if f.is_file() and (f.suffix == ".part" or f.name not in live):
                 with suppress(FileNotFoundError):
                     f.unlink()
+            elif f.is_dir() and f.name.startswith("uploads-") and not _alive(f.name[8:]):
+                shutil.rmtree(f, ignore_errors=True)       # a dead process's uploads
 
     # --- jobs ---------------------------------------------------------------------------------
 
     def create(self, request: dict, data: bytes | None, webhook_url: str | None,
-               tenant: str | None = None) -> Job:
+               tenant: str | None = None, upload: str | None = None) -> Job:
+        """A queued job. Its input: `data`, or the file `upload` (moved into the store)."""
         job_id = "job-" + uuid.uuid4().hex
         input_path = None
+        if upload is not None and self.db.inputs_in_db:
+            data = Path(upload).read_bytes()
+        elif upload is not None:
+            input_path = str(self.spool / job_id)
+            _move_durably(upload, input_path)
         if data is not None and not self.db.inputs_in_db:
             input_path = str(self.spool / job_id)
             _write_durably(input_path, data)
@@ -236,6 +245,14 @@ def _load(text: str | None) -> dict | None:
     return None if text is None else json.loads(text)
 
 
+def _move_durably(src: str, path: str) -> None:
+    tmp = path + ".part"
+    shutil.move(src, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _write_durably(path: str, data: bytes) -> None:
     tmp = path + ".part"
     with open(tmp, "wb") as f:
@@ -243,3 +260,13 @@ def _write_durably(path: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True

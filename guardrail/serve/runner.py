@@ -37,7 +37,7 @@ def job_request(request: JudgeRequest, frames: int | None, source: Source) -> di
     """What the store keeps to run the job later: the resolved policy set, not its name."""
     if isinstance(source, Reference):
         src = {"kind": source.kind, "url": source.url}
-    elif source.path is not None:
+    elif source.path is not None and not source.upload:
         src = {"kind": source.kind, "path": source.path}
     else:
         src = {"kind": source.kind, "spooled": True}
