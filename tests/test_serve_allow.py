@@ -123,3 +123,43 @@ def test_the_service_answers_4xx_json_for_every_bypass(engine, tmp_path, clip):
                 assert mod.status_code == status, (name, mod.text)
     finally:
         files.shutdown()
+
+
+def test_a_slow_drip_upstream_is_cut_at_the_total_deadline(engine, tmp_path):
+    """An allow-listed server that sends one byte every 0.2 s cannot hold the request past
+    limits.decode_timeout_s (each read is quick, so only a total deadline stops it)."""
+    import socket
+    import time
+
+    from guardrail.serve.settings import Limits
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    stop = threading.Event()
+
+    def drip():
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n")
+        while not stop.is_set():
+            try:
+                conn.sendall(b"x")
+            except OSError:
+                break
+            time.sleep(0.2)
+        conn.close()
+
+    threading.Thread(target=drip, daemon=True).start()
+    origin = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    s = settings(tmp_path, allow_urls=[f"{origin}/"], limits=Limits(decode_timeout_s=1.5))
+    try:
+        with TestClient(create_app(LocalJudge(engine), s)) as c:
+            t0 = time.monotonic()
+            reply = c.post("/v1/moderate", json={"video_url": f"{origin}/v.mp4"})
+            took = time.monotonic() - t0
+    finally:
+        stop.set()
+        listener.close()
+    body = assert_error(reply, 422)
+    assert "took over 1.5 s" in body["message"] and took < 5
