@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    print(f"{args.repeats} bodies of {args.mb} MB each, one kind at a time; RSS of the server in MB")
+    print(f"{args.repeats} bodies of {args.mb} MB each, one kind at a time; server RSS in MB")
     print("| body | baseline | peak | 2 s after | peak - baseline | after - baseline | statuses |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for name, base, peak, after, statuses in rows:
