@@ -139,8 +139,8 @@ print("exited cleanly", flush=True)
 
 
 @pytest.mark.slow
-def test_sigterm_drains_in_flight_requests(tmp_path, tiny_model, video_files):
-    backend = "local"
+@pytest.mark.parametrize("backend", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+def test_sigterm_drains_in_flight_requests(tmp_path, tiny_model, video_files, backend):
     import re
     import signal
     import socket
@@ -189,11 +189,17 @@ def test_sigterm_drains_in_flight_requests(tmp_path, tiny_model, video_files):
         proc.send_signal(signal.SIGTERM)
         for t in clients:
             t.join(timeout=120)
-        with pytest.raises(httpx.HTTPError):                 # no longer accepting
-            httpx.get(f"{url}/healthz", timeout=2)
+        try:                                                  # no longer accepting:
+            health = httpx.get(f"{url}/healthz", timeout=2).status_code    # draining (Ray)
+        except httpx.HTTPError:
+            health = None                                     # or closed (local)
+        assert health in (None, 503)
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert statuses == [200] * 8, (proc.returncode, err[-3000:])   # all in flight answered
-    assert proc.returncode == 0 and "exited cleanly" in out
+    if backend == "local":
+        assert proc.returncode == 0 and "exited cleanly" in out
+    else:   # NOTE: Ray's shutdown sometimes ends the driver with status 15 after the drain
+        assert proc.returncode in (0, 15), proc.returncode

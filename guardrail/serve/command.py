@@ -69,6 +69,11 @@ def serve(model: str | None = None, config: str | os.PathLike | None = None,
           ready_timeout_s: float = 600.0) -> Server | None:
     """Start the service; ready when GET /healthz answers 200. Blocks until SIGINT/SIGTERM
     when `block`, else returns a `Server` to stop it. Raises UsageError for bad settings."""
+    if backend == "ray" and block and "ray" not in sys.modules:
+        # NOTE: Ray's C++ failure-signal handler (read when ray loads) turns SIGTERM into an
+        # abort a few seconds later, which cut the drain short (6 of 8 in-flight requests
+        # answered); off for the service we run, so SIGTERM drains in-flight requests.
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     cfg = load_config(config, model=model, host=host, port=port, api_keys=api_keys,
                       jobs_db=jobs_db, policies_dir=policies_dir)
     cfg.settings.check_auth()
@@ -81,6 +86,8 @@ def serve(model: str | None = None, config: str | os.PathLike | None = None,
     try:
         if backend == "ray":  # the proxy serves the application under its route prefix
             stop = _start_ray(cfg, ray_address, num_gpus)
+            if stopping is not None:      # ray.init put its own (exit at once) over ours
+                _catch_signals(stopping, signal.SIGTERM)
             url = f"http://{_url_host(cfg.host)}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
         else:
             stop, bound = _start_local(cfg)
