@@ -79,6 +79,43 @@ def policy_render(
         _exact(probe + "\n")
 
 
+@policy_app.command("schema")
+@guarded
+def policy_schema():
+    """Print the JSON Schema of the policy YAML (for editors: see docs/policies.md)."""
+    from guardrail.policy_tools import schema
+
+    sys.stdout.write(json.dumps(schema(), indent=2) + "\n")
+
+
+@policy_app.command("diff")
+@guarded
+def policy_diff(
+    old: Annotated[Path, typer.Argument(help="The policy file in use.")],
+    new: Annotated[Path, typer.Argument(help="The edited policy file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="The diff as one JSON object.")] = False,
+):
+    """Semantic diff by category id: added, removed and changed categories with the changed
+    fields. Reordering categories is no change (it changes no verdict)."""
+    from guardrail.policy import load_policy
+    from guardrail.policy_tools import diff
+
+    a, b = load_policy(old), load_policy(new)
+    d = diff(a, b)
+    if as_json:
+        sys.stdout.write(json.dumps(d) + "\n")
+        return
+    names = {c.id: c.name for c in [*a.categories, *b.categories]}
+    for cid in d["added"]:
+        out.print(f"+ {cid} ({names[cid]})", markup=False)
+    for cid in d["removed"]:
+        out.print(f"- {cid} ({names[cid]})", markup=False)
+    for c in d["changed"]:
+        out.print(f"~ {c['id']} ({names[c['id']]}): {', '.join(c['fields'])}", markup=False)
+    if not any(d.values()):
+        out.print(f"no change ({a.name} v{a.version} -> {b.name} v{b.version})", markup=False)
+
+
 def _rule(title: str) -> None:
     out.file.flush()
     sys.stdout.write(f"----- {title} -----\n")

@@ -18,7 +18,15 @@ import os
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from guardrail.errors import PolicyError
@@ -49,8 +57,12 @@ def _check_threshold(value: float) -> float:
     return value
 
 
-Text = Annotated[str, AfterValidator(_one_line)]
-Threshold = Annotated[float, AfterValidator(_check_threshold)]
+# the JSON Schema says what the validators check (`guardrail policy schema`)
+Text = Annotated[str, AfterValidator(_one_line),
+                 WithJsonSchema({"type": "string", "pattern": r"\S"})]
+Threshold = Annotated[float, AfterValidator(_check_threshold),
+                      WithJsonSchema({"type": "number", "exclusiveMinimum": 0,
+                                      "exclusiveMaximum": 1})]
 
 
 class _Model(BaseModel):
@@ -72,7 +84,9 @@ class Category(_Model):
         pattern=r"^[A-Za-z0-9_-]{1,32}$",
         description="Identifier, unique within the set, e.g. C1; used in JSON keys and outputs.",
     )
-    name: Annotated[Text, AfterValidator(_check_name)] = Field(
+    name: Annotated[Text, AfterValidator(_check_name),
+                    WithJsonSchema({"type": "string",
+                                    "pattern": r'^[^"\\]*[^"\\\s][^"\\]*$'})] = Field(
         description="Human-readable name shown in prompts and outputs, e.g. Sexual Content."
     )
     core_value: Text | None = Field(None, description="Optional one-sentence intent.")

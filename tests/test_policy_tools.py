@@ -1,0 +1,96 @@
+"""`guardrail policy schema` and `guardrail policy diff`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from jsonschema import Draft202012Validator
+from typer.testing import CliRunner
+
+from guardrail.cli import app
+from guardrail.errors import PolicyError
+from guardrail.policy import load_policy, load_policy_text
+from guardrail.policy_tools import diff, schema
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "policies").glob("*.yaml"))
+
+
+def _validator():
+    got = CliRunner().invoke(app, ["policy", "schema"])
+    assert got.exit_code == 0
+    assert json.loads(got.stdout) == schema()
+    Draft202012Validator.check_schema(schema())
+    return Draft202012Validator(schema())
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_set_validates_against_the_schema(path):
+    errors = list(_validator().iter_errors(yaml.safe_load(path.read_text())))
+    assert not errors, [e.message for e in errors]
+
+
+GOOD = {"name": "s", "version": 1, "categories": [{"id": "C1", "name": "A", "blocked": ["x"]}]}
+BAD = {
+    "threshold above 1": {"categories": [{"id": "C1", "name": "A", "blocked": ["x"],
+                                          "threshold": 1.5}]},
+    "threshold 0": {"defaults": {"threshold": 0}},
+    "unknown key": {"owner": "me"},
+    "no blocked rules": {"categories": [{"id": "C1", "name": "A", "blocked": []}]},
+    "id with a space": {"categories": [{"id": "C 1", "name": "A", "blocked": ["x"]}]},
+    "quote in a name": {"categories": [{"id": "C1", "name": 'A"B', "blocked": ["x"]}]},
+    "blank rule": {"categories": [{"id": "C1", "name": "A", "blocked": ["  "]}]},
+    "no categories": {"categories": []},
+    "version as text": {"version": "1"},
+    "bad severity": {"categories": [{"id": "C1", "name": "A", "blocked": ["x"],
+                                     "severity": "extreme"}]},
+}
+
+
+@pytest.mark.parametrize("why", list(BAD))
+def test_invalid_documents_fail_the_schema_and_the_loader_alike(why):
+    doc = {**GOOD, **BAD[why]}
+    assert list(_validator().iter_errors(doc)), why
+    with pytest.raises(PolicyError):
+        load_policy_text(yaml.safe_dump(doc))
+    assert not list(_validator().iter_errors(GOOD))
+    load_policy_text(yaml.safe_dump(GOOD))
+
+
+def _edited(tmp_path: Path, name: str, change) -> Path:
+    doc = yaml.safe_load((ROOT / "policies" / "safewatch.yaml").read_text())
+    change(doc)
+    out = tmp_path / name
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
+def test_diff_by_category_id(tmp_path):
+    base = ROOT / "policies" / "safewatch.yaml"
+    reordered = _edited(tmp_path, "r.yaml", lambda d: d["categories"].reverse())
+    assert diff(load_policy(base), load_policy(reordered)) == {
+        "added": [], "removed": [], "changed": []}
+
+    def edit(d):
+        d["categories"][0]["threshold"] = 0.7
+        d["categories"][1]["blocked"].append("Something new.")
+        del d["categories"][2]
+        d["categories"].append({"id": "C9", "name": "New", "blocked": ["x"]})
+    got = diff(load_policy(base), load_policy(_edited(tmp_path, "e.yaml", edit)))
+    assert got == {"added": ["C9"], "removed": ["C3"],
+                   "changed": [{"id": "C1", "fields": ["threshold"]},
+                               {"id": "C2", "fields": ["blocked"]}]}
+
+    def default(d):
+        d["defaults"] = {"threshold": 0.6}
+    inherited = diff(load_policy(base), load_policy(_edited(tmp_path, "d.yaml", default)))
+    ids = [c.id for c in load_policy(base).categories if c.threshold is None]
+    assert [c["id"] for c in inherited["changed"]] == ids
+    cli = CliRunner().invoke(app, ["policy", "diff", str(base), str(tmp_path / "e.yaml")])
+    assert cli.exit_code == 0
+    assert cli.stdout.splitlines()[:2] == ["+ C9 (New)", "- C3 (Threats, Violence & Harm)"]
+    same = CliRunner().invoke(app, ["policy", "diff", str(base), str(reordered), "--json"])
+    assert json.loads(same.stdout) == {"added": [], "removed": [], "changed": []}
