@@ -86,8 +86,8 @@ def check(url: str, allow: list[Rule]) -> tuple[Url, bool]:
 
 
 def resolve(url: Url, named: bool) -> Destination:
-    """Blocking DNS lookup; every address must pass unless a rule names the host. Raises 403
-    (a refused address) or 422-style Forbidden for a host that does not resolve."""
+    """Blocking DNS lookup; every address must pass unless a rule names the host. Raises
+    Forbidden (403) for a refused address and for a host that does not resolve."""
     host = url.host.strip("[]")
     try:
         infos = socket.getaddrinfo(host, url.port, type=socket.SOCK_STREAM)
