@@ -88,6 +88,52 @@ def policy_schema():
     sys.stdout.write(json.dumps(schema(), indent=2) + "\n")
 
 
+@policy_app.command("lint")
+@guarded
+def policy_lint(
+    files: Annotated[list[Path], typer.Argument(help="Policy YAML files.")],
+    model: Annotated[str | None, typer.Option(
+        help="Count with this model's tokenizer and check its context (no weights load).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON report.")] = False,
+):
+    """Per category the chunk's tokens, per layout the prompt's tokens against the model's
+    context, and warnings to act on. Exit 0 with warnings, 2 when a prompt cannot fit or a file
+    is invalid."""
+    from guardrail.errors import PolicyError
+    from guardrail.policy import load_policy
+    from guardrail.policy_lint import Report, estimate, lint, model_counter
+
+    count, tokenizer, context = (model_counter(model) if model else
+                                 (estimate, "an estimate (4 characters per token; --model "
+                                  "counts exactly)", None))
+    reports = []
+    for f in files:
+        try:
+            reports.append(lint(load_policy(f), str(f), count, tokenizer, context))
+        except PolicyError as err:
+            reports.append(Report(str(f), tokenizer, errors=list(err.messages)))
+    if as_json:
+        sys.stdout.write(json.dumps({"files": [r.json() for r in reports]}) + "\n")
+    else:
+        out.print(f"tokens counted with {tokenizer}", markup=False)
+        for r in reports:
+            _print_lint(r)
+    if any(r.errors for r in reports):
+        raise typer.Exit(2)
+
+
+def _print_lint(r) -> None:
+    fit = f" (context {r.context:,})" if r.context else ""
+    out.print(f"{r.file}: " + ", ".join(f"{k} {v:,}" for k, v in r.prompt_tokens.items())
+              + f" prompt tokens{fit}", markup=False)
+    for c in r.categories:
+        out.print(f"  {c['id']}: {c['tokens']:,} tokens", markup=False)
+    for w in r.warnings:
+        out.print(f"  warning: {w}", markup=False)
+    for e in r.errors:
+        err.print(f"{r.file}: {e}" if not e.startswith(r.file) else e, markup=False)
+
+
 @policy_app.command("diff")
 @guarded
 def policy_diff(

@@ -94,3 +94,61 @@ def test_diff_by_category_id(tmp_path):
     assert cli.stdout.splitlines()[:2] == ["+ C9 (New)", "- C3 (Threats, Violence & Harm)"]
     same = CliRunner().invoke(app, ["policy", "diff", str(base), str(reordered), "--json"])
     assert json.loads(same.stdout) == {"added": [], "removed": [], "changed": []}
+
+
+def _lint(*args):
+    return CliRunner().invoke(app, ["policy", "lint", *map(str, args)])
+
+
+def test_lint_counts_with_the_models_tokenizer_against_its_context(tiny_model):
+    from transformers import AutoTokenizer
+
+    from guardrail.prompt import build_prompt
+
+    model = tiny_model()
+    got = _lint(ROOT / "policies" / "safewatch.yaml", "--model", model, "--json")
+    assert got.exit_code == 0, got.output
+    (report,) = json.loads(got.stdout)["files"]
+    assert set(report) == {"file", "categories", "prompt_tokens", "context", "warnings",
+                           "errors"}
+    tok = AutoTokenizer.from_pretrained(model)
+    chunks = build_prompt(load_policy(ROOT / "policies" / "safewatch.yaml")).chunks
+    assert [c["tokens"] for c in report["categories"]] == [
+        len(tok.encode(c, add_special_tokens=False)) for c in chunks]
+    assert report["context"] == 32768 and report["errors"] == []
+    assert set(report["prompt_tokens"]) == {"sequential", "parallel", "parallel_cached"}
+    assert min(report["prompt_tokens"].values()) > sum(c["tokens"] for c in report["categories"])
+    table = _lint(ROOT / "policies" / "safewatch.yaml")             # no model: an estimate
+    assert table.exit_code == 0 and "an estimate" in table.stdout
+
+
+def test_lint_warns_on_what_an_author_can_fix_and_fails_what_cannot_fit(tmp_path, tiny_model):
+    long_rule = "Footage that shows a very particular situation in a lot of detail. " * 12
+    policy = tmp_path / "p.yaml"
+    policy.write_text(yaml.safe_dump({"name": "p", "version": 1, "categories": [
+        {"id": "C1", "name": "Violence", "blocked": ["Fighting.", "Graphic injuries."],
+         "allowed": ["Sports."]},
+        {"id": "C2", "name": "Weapons", "blocked": ["Fighting.", "Guns shown in news footage."]},
+        {"id": "C3", "name": "Long", "blocked": [long_rule], "allowed": ["x"]},
+        {"id": "C4", "name": "Strict", "blocked": ["Nudity."], "allowed": ["Art."],
+         "threshold": 0.9}]}))
+    got = _lint(policy, "--json")
+    assert got.exit_code == 0
+    warnings = json.loads(got.stdout)["files"][0]["warnings"]
+    assert [w.split(":")[0] for w in warnings] == ["C3", "C2", "C2", "C4"], warnings
+    assert "parallel layouts" in warnings[0] and "repeats one of C1" in warnings[1]
+    assert "mention news" in warnings[2] and "far from the set's default" in warnings[3]
+    clean = _lint(ROOT / "policies" / "safewatch.yaml", "--json")
+    assert json.loads(clean.stdout)["files"][0]["warnings"] == []
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: b\nversion: 1\ncategories:\n  - {id: C1, name: A, threshold: 2}\n")
+    invalid = _lint(bad, "--json")
+    assert invalid.exit_code == 2
+    assert json.loads(invalid.stdout)["files"][0]["errors"][0].startswith(f"{bad}:4:")
+    import shutil
+    small = shutil.copytree(tiny_model(), tmp_path / "small")
+    config = json.loads((small / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 512
+    (small / "config.json").write_text(json.dumps(config))
+    too_long = _lint(ROOT / "policies" / "safewatch.yaml", "--model", small)
+    assert too_long.exit_code == 2 and "context is 512 tokens" in too_long.stderr
