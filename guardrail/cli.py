@@ -134,6 +134,61 @@ def _print_lint(r) -> None:
         err.print(f"{r.file}: {e}" if not e.startswith(r.file) else e, markup=False)
 
 
+@policy_app.command("test")
+@guarded
+def policy_test(
+    file: Annotated[Path, typer.Argument(help="The policy YAML to test.")],
+    examples: Annotated[Path, typer.Option(
+        help="JSONL manifest: {\"video\": path, \"labels\": [category ids]} per line.")],
+    model: Annotated[str | None, typer.Option(help="Model directory or hub id.")] = None,
+    against: Annotated[Path | None, typer.Option(
+        help="Another version of the set: list the examples whose verdict changes.")] = None,
+    layout: Annotated[str, typer.Option(help=f"One of {', '.join(LAYOUTS)}.")] = "parallel",
+    frames: Annotated[int, typer.Option(help="Frames per window.")] = 8,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda[:i]")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="The report as one JSON object.")] = False,
+):
+    """Judge labelled example videos with the set: per example expected vs flagged, per
+    category precision and recall, and with --against which examples change verdict."""
+    from guardrail.bench.datasets import load_dataset
+    from guardrail.engine import GuardEngine
+    from guardrail.policy import load_policy
+    from guardrail.policy_test import report
+    from guardrail.video import SamplingConfig
+
+    quiet_transformers()
+    policies, data = load_policy(file), load_dataset(examples)
+    old = load_policy(against) if against is not None else None
+    engine = GuardEngine.from_pretrained(model, policies=policies, device=device, layout=layout,
+                                         sampling=SamplingConfig(num_frames=frames))
+    runs = len(data.videos()) * (2 if old is not None else 1)
+    with ProgressBar(enabled=not as_json and sys.stderr.isatty()) as bar:
+        bar.start(runs, "judging examples")
+        got = report(engine, policies, data, old, on_video=bar.step)
+    if as_json:
+        sys.stdout.write(json.dumps(got) + "\n")
+        return
+    table = Table("video", "expected", "flagged", "")
+    for e in got["examples"]:
+        ids = e["flagged_ids"]
+        mark = "error" if ids is None else ("ok" if set(ids) == set(e["labels"]) else "DIFF")
+        table.add_row(e["video"], ", ".join(e["labels"]) or "-",
+                      e.get("error", "") if ids is None else (", ".join(ids) or "-"), mark)
+    out.print(table)
+    cats = Table("category", "precision", "recall", "tp", "fp", "fn")
+    for cid, m in got["per_category"].items():
+        def pct(x):
+            return "-" if x is None else f"{x:.2f}"
+        cats.add_row(cid, pct(m["precision"]), pct(m["recall"]), str(m["tp"]), str(m["fp"]),
+                     str(m["fn"]))
+    out.print(cats)
+    for c in got.get("changed", []):
+        out.print(f"changed: {c['video']}: {', '.join(c['before']) or '-'} -> "
+                  f"{', '.join(c['after']) or '-'}", markup=False)
+    if old is not None and not got["changed"]:
+        out.print(f"no example changes verdict against {against}", markup=False)
+
+
 @policy_app.command("diff")
 @guarded
 def policy_diff(

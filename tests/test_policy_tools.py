@@ -152,3 +152,43 @@ def test_lint_warns_on_what_an_author_can_fix_and_fails_what_cannot_fit(tmp_path
     (small / "config.json").write_text(json.dumps(config))
     too_long = _lint(ROOT / "policies" / "safewatch.yaml", "--model", small)
     assert too_long.exit_code == 2 and "context is 512 tokens" in too_long.stderr
+
+
+def test_policy_test_reports_examples_metrics_and_changes(tmp_path, tiny_model, video_files):
+    from guardrail.engine import GuardEngine
+
+    manifest = tmp_path / "examples.jsonl"
+    rows = [{"video": str(video_files["mp4_h264"]), "labels": ["C1"]},
+            {"video": str(video_files["webm_vp9"]), "labels": []},
+            {"video": str(video_files["avi_mjpeg"]), "labels": ["C1", "C3"]},
+            {"video": str(tmp_path / "gone.mp4"), "labels": []}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ROOT / "policies" / "safewatch.yaml"
+    reordered = _edited(tmp_path, "r.yaml", lambda d: d["categories"].reverse())
+
+    def lower(d):
+        d["defaults"] = {"threshold": 0.01}
+    everything = _edited(tmp_path, "all.yaml", lower)
+    model = tiny_model()
+
+    def run(*extra):
+        got = CliRunner().invoke(app, ["policy", "test", str(base), "--examples", str(manifest),
+                                       "--model", str(model), "--json", *map(str, extra)])
+        assert got.exit_code == 0, got.output
+        return json.loads(got.stdout)
+
+    report = run("--against", reordered)
+    engine = GuardEngine.from_pretrained(model, policies=str(base))
+    for row, example in zip(rows[:3], report["examples"], strict=False):
+        assert example["labels"] == row["labels"]
+        assert example["flagged_ids"] == engine.check(row["video"]).flagged_ids()
+    assert report["examples"][3]["flagged_ids"] is None and report["examples"][3]["error"]
+    judged = report["examples"][:3]
+    for cid, m in report["per_category"].items():
+        tp = sum(cid in e["labels"] and cid in e["flagged_ids"] for e in judged)
+        fp = sum(cid not in e["labels"] and cid in e["flagged_ids"] for e in judged)
+        assert (m["tp"], m["fp"]) == (tp, fp)
+        assert m["precision"] == (tp / (tp + fp) if tp + fp else None)
+    assert report["changed"] == []                       # reordering changes no verdict
+    changed = run("--against", everything)["changed"]     # everything flagged before
+    assert changed and all(set(c["after"]) < set(c["before"]) for c in changed)
