@@ -14,7 +14,7 @@ import httpx
 import pytest
 import videos
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given
+from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -201,6 +201,7 @@ def test_fuzzed_json_is_never_a_500(client, body, route):
 @hyp_settings(max_examples=25, deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=4096))
+@example(data=b"\t" + bytes(23))            # FFmpeg reads it as CD+G karaoke graphics
 def test_fuzzed_uploads_are_never_a_500(client, clip, data):
     reply = upload(client, data)
     assert 400 <= reply.status_code < 500, reply.text

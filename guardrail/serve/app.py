@@ -19,18 +19,21 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 
+from guardrail.policy import MAX_POLICY_BYTES
 from guardrail.serve import webhooks
 from guardrail.serve.errors import (
     BadRequest,
+    Forbidden,
     NotFound,
     Overloaded,
+    PayloadTooLarge,
     Unauthorized,
     Unavailable,
     UnsupportedMediaType,
     install_error_handlers,
 )
 from guardrail.serve.inputs import Media, read_body
-from guardrail.serve.jobs import JobStore
+from guardrail.serve.jobs import Job, JobStore
 from guardrail.serve.judge import Judge
 from guardrail.serve.limits import Admission, BodyLimit
 from guardrail.serve.metrics import CONTENT_TYPE, Metrics
@@ -39,6 +42,7 @@ from guardrail.serve.pipeline import Moderator
 from guardrail.serve.registry import PolicyRegistry
 from guardrail.serve.runner import JobRunner, job_request, job_view
 from guardrail.serve.schemas import (
+    CategoryInfo,
     Health,
     JobCreated,
     JobJSON,
@@ -47,7 +51,10 @@ from guardrail.serve.schemas import (
     ModerationResult,
     ModerationsRequest,
     ModerationsResponse,
+    PolicyDetail,
     PolicyList,
+    PolicyVersion,
+    PolicyVersions,
     TextPart,
 )
 from guardrail.serve.settings import ServiceSettings
@@ -67,10 +74,10 @@ def build_app(judge: Judge, settings: ServiceSettings | None = None
     """`create_app`, plus the moderator that admits requests (its `drain` shuts the door)."""
     settings = settings or ServiceSettings(host="127.0.0.1")
     settings.check_auth()
-    registry = PolicyRegistry(settings.policies_dir, settings.policy_set)
+    store = JobStore(settings.jobs.url(), settings.jobs.spool())
+    registry = PolicyRegistry(settings.policies_dir, settings.policy_set, store)
     metrics = Metrics()
     moderator = Moderator(judge, settings, registry, metrics)
-    store = JobStore(settings.jobs.url(), settings.jobs.spool())
     runner = JobRunner(store, moderator, settings.jobs, metrics)
 
     @asynccontextmanager
@@ -168,7 +175,41 @@ def _api(moderator: Moderator, registry: PolicyRegistry, store: JobStore, runner
 
     @api.get("/policies", response_model=PolicyList)
     async def policies() -> PolicyList:
-        return registry.listing()
+        return await asyncio.to_thread(registry.listing)
+
+    @api.put("/policies/{name}", response_model=PolicyDetail, status_code=201,
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/yaml": {"schema": {"type": "string"}}}}})
+    async def put_policy(name: str, request: Request) -> PolicyDetail:
+        caller = request.state.caller
+        if settings.keys() and not caller.admin:
+            raise Forbidden("registering a policy version needs a key in admin_keys")
+        body = await request.body()
+        if len(body) > MAX_POLICY_BYTES:
+            raise PayloadTooLarge(f"a policy is at most {MAX_POLICY_BYTES} bytes")
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("the policy YAML is not UTF-8") from None
+        pset = await asyncio.to_thread(registry.put, name, text)
+        return _detail(pset)
+
+    @api.get("/policies/{name}", response_model=PolicyDetail)
+    async def get_policy(name: str) -> PolicyDetail:
+        try:
+            pset = await asyncio.to_thread(registry.get, name)
+        except BadRequest as err:
+            raise NotFound(str(err)) from None
+        stored = await asyncio.to_thread(store.policy, name, pset.version)
+        return _detail(pset, stored["yaml"] if stored else registry.file_text(name))
+
+    @api.get("/policies/{name}/versions", response_model=PolicyVersions)
+    async def policy_versions(name: str) -> PolicyVersions:
+        rows = await asyncio.to_thread(registry.versions, name)
+        return PolicyVersions(name=name, versions=[PolicyVersion(
+            version=r["version"], hash=r["hash"],
+            created_at=Job.iso(r["created_at"]) if r["created_at"] is not None else None)
+            for r in rows])
 
     return api
 
@@ -211,6 +252,13 @@ async def _json_body(request: Request) -> None:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json" and not ctype.endswith("+json"):
         raise UnsupportedMediaType("send application/json")
+
+
+def _detail(pset, yaml_text: str | None = None) -> PolicyDetail:
+    return PolicyDetail(name=pset.name, version=pset.version, hash=pset.content_hash,
+                        yaml=yaml_text, categories=[
+                            CategoryInfo(id=c.id, name=c.name, threshold=pset.threshold_of(c),
+                                         severity=c.severity) for c in pset.categories])
 
 
 def key_id(key: str) -> str:

@@ -59,6 +59,10 @@ class Unprocessable(ServiceError):
     http_status, kind = 422, "invalid_request"
 
 
+class Conflict(ServiceError):
+    http_status, kind = 409, "conflict"
+
+
 class Overloaded(ServiceError):
     http_status, kind = 429, "overloaded"
 

@@ -38,6 +38,11 @@ _SCHEMA = [
     "CREATE INDEX IF NOT EXISTS jobs_webhook ON jobs (webhook_state, webhook_due)",
     # job inputs where the database holds them (PostgreSQL: any node runs any job)
     "CREATE TABLE IF NOT EXISTS job_inputs (id TEXT PRIMARY KEY, data BYTES NOT NULL)",
+    # registered policy set versions (PUT /v1/policies/{name}); every replica reads them
+    """CREATE TABLE IF NOT EXISTS policy_versions (
+    name TEXT NOT NULL, version INTEGER NOT NULL, hash TEXT NOT NULL, yaml TEXT NOT NULL,
+    created_at FLOAT NOT NULL, PRIMARY KEY (name, version)
+)""",
 ]
 # columns added after the first release: (name, DDL type), added to older databases at start
 _ADDED = [("tenant", "TEXT")]
@@ -204,6 +209,44 @@ class JobStore:
         with self._tx(write=False) as db:
             rows = db.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetchall()
         return {r["status"]: r["n"] for r in rows}
+
+    # --- policy versions ----------------------------------------------------------------
+
+    def add_policy(self, name: str, version: int, digest: str, yaml_text: str) -> int | None:
+        """Store a new version; None when it is not greater than the latest (returned
+        otherwise as the new latest). Atomic: two replicas cannot both add version n."""
+        with self._tx() as db:
+            row = db.execute("SELECT MAX(version) AS v FROM policy_versions WHERE name = ?",
+                             (name,)).fetchone()
+            latest = row["v"] if row and row["v"] is not None else 0
+            if version <= latest:
+                return None
+            db.execute("INSERT INTO policy_versions (name, version, hash, yaml, created_at) "
+                       "VALUES (?, ?, ?, ?, ?)", (name, version, digest, yaml_text, time.time()))
+        return version
+
+    def policy(self, name: str, version: int | None = None) -> dict | None:
+        """A stored version (the latest when `version` is None): name, version, hash, yaml,
+        created_at."""
+        with self._tx(write=False) as db:
+            if version is None:
+                row = db.execute("SELECT * FROM policy_versions WHERE name = ? ORDER BY "
+                                 "version DESC LIMIT 1", (name,)).fetchone()
+            else:
+                row = db.execute("SELECT * FROM policy_versions WHERE name = ? AND version = ?",
+                                 (name, version)).fetchone()
+        return dict(row) if row else None
+
+    def policy_names(self) -> list[str]:
+        with self._tx(write=False) as db:
+            rows = db.execute("SELECT DISTINCT name FROM policy_versions ORDER BY name").fetchall()
+        return [r["name"] for r in rows]
+
+    def policy_versions(self, name: str) -> list[dict]:
+        with self._tx(write=False) as db:
+            rows = db.execute("SELECT version, hash, created_at FROM policy_versions WHERE "
+                              "name = ? ORDER BY version", (name,)).fetchall()
+        return [dict(r) for r in rows]
 
     # --- webhooks -------------------------------------------------------------------------
 

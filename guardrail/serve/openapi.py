@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from guardrail.serve.schemas import ErrorBody, JobJSON, ModerateJSON
 
 _WHY = {400: "Malformed request, JSON or reference", 401: "Missing or wrong API key",
+        409: "Policy name or version conflict (the version must grow)",
         403: "A server path, URL or webhook that is not allowed", 404: "Not found",
         413: "Over a size, duration, pixel or context limit",
         415: "Not a video or an image", 422: "Invalid policy, options or undecodable video",
@@ -28,6 +29,9 @@ ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/v1/jobs/{job_id}"): (401, 404),
     ("get", "/v1/policies"): (401,),
     ("get", "/healthz"): (503,),
+    ("put", "/v1/policies/{name}"): (400, 401, 403, 409, 413, 422),
+    ("get", "/v1/policies/{name}"): (401, 404),
+    ("get", "/v1/policies/{name}/versions"): (401, 404),
 }
 
 

@@ -20,11 +20,13 @@ class Options(_Request):
 
     policy: str | None = Field(None, description="Policy YAML text (one set).")
     policy_set: str | None = Field(None, description="A registered set name (GET /v1/policies).")
+    policy_version: int | None = Field(None, ge=1, description="Pin a version of policy_set "
+                                       "(default: its latest).")
     mode: Mode | None = None
     keep_ratio: float | None = Field(None, gt=0.0, le=1.0)
     frames: int | None = Field(None, ge=1, description="Frames per window.")
 
-    @field_validator("frames", "keep_ratio", mode="before")
+    @field_validator("frames", "keep_ratio", "policy_version", mode="before")
     @classmethod
     def _not_a_bool(cls, value):
         """JSON `true` is not 1 (pydantic's lax mode would take it)."""
@@ -81,12 +83,14 @@ class ModerationsRequest(BaseModel):
         description="video_url / image_url parts (text is not judged).")
     policy: str | None = None
     policy_set: str | None = None
+    policy_version: int | None = Field(None, ge=1)
     mode: Mode | None = None
     keep_ratio: float | None = Field(None, gt=0.0, le=1.0)
     frames: int | None = Field(None, ge=1)
 
     def options(self) -> Options:
-        return Options(policy=self.policy, policy_set=self.policy_set, mode=self.mode,
+        return Options(policy=self.policy, policy_set=self.policy_set,
+                       policy_version=self.policy_version, mode=self.mode,
                        keep_ratio=self.keep_ratio, frames=self.frames)
 
 
@@ -151,6 +155,26 @@ class PolicySetInfo(BaseModel):
     description: str | None
     default: bool
     categories: list[CategoryInfo]
+
+
+class PolicyVersion(BaseModel):
+    version: int
+    hash: str
+    created_at: str | None = Field(description="When it was registered; null for the file "
+                                   "version loaded at start.")
+
+
+class PolicyVersions(BaseModel):
+    name: str
+    versions: list[PolicyVersion]
+
+
+class PolicyDetail(BaseModel):
+    name: str
+    version: int
+    hash: str
+    categories: list[CategoryInfo]
+    yaml: str | None = Field(None, description="The registered YAML text (null in PUT replies).")
 
 
 class PolicyList(BaseModel):

@@ -17,7 +17,10 @@ from guardrail.video.types import VideoInfo, VideoLimits, _require
 _MAX_FPS = 1000.0  # a stream rate above this is a broken header, not a video
 _MAX_BAD_PACKETS = 64  # undecodable packets in a row before a file counts as corrupt
 # Demuxers that read other files or URLs named inside the input, and still images.
-_REFUSED_FORMATS = frozenset({"hls", "dash", "concat", "image2", "sdp", "rtsp", "rtp", "tee"})
+_REFUSED_FORMATS = frozenset({"hls", "dash", "concat", "image2", "sdp", "rtsp", "rtp", "tee",
+                              # headerless formats FFmpeg also finds in arbitrary bytes (a
+                              # 24-byte fuzz input read as CD+G karaoke graphics): not videos
+                              "cdg", "tty", "bin", "xbin", "idf", "adf"})
 
 
 def _probe_header(src: _Source, limits: VideoLimits, deadline: _Deadline) -> VideoInfo:
