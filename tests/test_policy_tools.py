@@ -192,3 +192,33 @@ def test_policy_test_reports_examples_metrics_and_changes(tmp_path, tiny_model, 
     assert report["changed"] == []                       # reordering changes no verdict
     changed = run("--against", everything)["changed"]     # everything flagged before
     assert changed and all(set(c["after"]) < set(c["before"]) for c in changed)
+
+
+def test_the_guides_worked_example_runs_as_written(tmp_path, tiny_model, video_files):
+    """Every shell line of docs/policies.md's worked example, run in a copy of the repository
+    layout with /tmp/m standing for the tiny model."""
+    import re
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    guide = (ROOT / "docs" / "policies.md").read_text()
+    section = guide[guide.index("## Worked example"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "policies").mkdir()
+    shutil.copy(ROOT / "policies" / "weapons.yaml", tmp_path / "policies")
+    (tmp_path / "examples.jsonl").write_text("".join(
+        json.dumps({"video": str(video_files[f]), "labels": labels}) + "\n"
+        for f, labels in (("mp4_h264", ["W5"]), ("webm_vp9", []))))
+    outputs = []
+    for line in block.strip().splitlines():
+        line = line.replace("/tmp/m", str(tiny_model()))
+        argv = shlex.split(line)
+        if argv[0] == "guardrail":
+            argv = [sys.executable, "-c", "from guardrail.cli import main; main()", *argv[1:]]
+        got = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert got.returncode == 0, (line, got.stderr[-2000:])
+        outputs.append(got.stdout)
+    assert load_policy(tmp_path / "my_weapons.yaml").version == 2
+    assert any(re.search(r"~ W5 \(.*\): threshold", out) for out in outputs)
