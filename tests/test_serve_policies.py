@@ -101,3 +101,22 @@ def test_a_new_version_reaches_every_replica_sharing_the_store(engine, tmp_path,
         while moderate(b, clip)["policy_version"] != 2:
             assert time.monotonic() < deadline, "replica b never saw version 2"
             time.sleep(0.2)
+
+
+def test_a_version_too_long_for_the_model_is_refused_at_put(tiny_model, tmp_path, job_db):
+    import json
+    import shutil
+
+    small = shutil.copytree(tiny_model("qwen2_5_vl"), tmp_path / "small")
+    config = json.loads((small / "config.json").read_text())
+    config["text_config"]["max_position_embeddings"] = 4096
+    (small / "config.json").write_text(json.dumps(config))
+    doc = yaml.safe_load((ROOT / "policies" / "safewatch.yaml").read_text())
+    doc["version"] = 2
+    doc["categories"][0]["blocked"] = ["Footage that shows a very particular thing. " * 40] * 12
+    with TestClient(app_for(GuardEngine.from_pretrained(small), tmp_path, job_db)) as c:
+        reply = c.put("/v1/policies/safewatch", content=yaml.safe_dump(doc), headers=ADMIN)
+        assert reply.status_code == 422, reply.text
+        assert "context is 4,096 tokens" in reply.json()["error"]["message"]
+        versions = c.get("/v1/policies/safewatch/versions", headers=USER).json()["versions"]
+        assert [v["version"] for v in versions] == [1]            # nothing was stored

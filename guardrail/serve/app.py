@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 
+from guardrail.errors import PromptTooLongError
 from guardrail.policy import MAX_POLICY_BYTES
 from guardrail.serve import webhooks
 from guardrail.serve.errors import (
@@ -29,6 +30,7 @@ from guardrail.serve.errors import (
     PayloadTooLarge,
     Unauthorized,
     Unavailable,
+    Unprocessable,
     UnsupportedMediaType,
     install_error_handlers,
 )
@@ -191,6 +193,11 @@ def _api(moderator: Moderator, registry: PolicyRegistry, store: JobStore, runner
             text = body.decode("utf-8")
         except UnicodeDecodeError:
             raise BadRequest("the policy YAML is not UTF-8") from None
+        candidate = await asyncio.to_thread(registry.parse, name, text)
+        try:
+            await moderator.judge.check_policy(candidate)
+        except PromptTooLongError as err:          # invalid for this model: 422 here
+            raise Unprocessable(str(err)) from None
         pset = await asyncio.to_thread(registry.put, name, text)
         return _detail(pset)
 

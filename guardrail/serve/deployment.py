@@ -21,6 +21,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from guardrail.errors import GuardrailError
+from guardrail.policy import PolicySet
 from guardrail.serve.errors import Overloaded, Unavailable
 from guardrail.serve.judge import EnginePool, JudgeRequest, ModelInfo, Work, load_engine
 from guardrail.serve.settings import ServiceSettings
@@ -51,6 +52,14 @@ class GuardModel:
 
     async def info(self) -> ModelInfo:
         return self.pool.info()
+
+    async def check_policy(self, policies: PolicySet) -> GuardrailError | None:
+        """The error a set's prompt would raise (returned, so it crosses Ray as a value)."""
+        try:
+            await asyncio.to_thread(self.pool.check_policy, policies)
+        except GuardrailError as err:
+            return err
+        return None
 
     async def stats(self) -> dict[str, int]:
         """Batches run, videos judged and the largest batch, since the replica started."""
@@ -88,6 +97,11 @@ class RayJudge:
 
     async def info(self) -> ModelInfo:
         return await self.model.info.remote()
+
+    async def check_policy(self, policies: PolicySet) -> None:
+        err = await self.model.check_policy.remote(policies)
+        if err is not None:
+            raise err
 
     def depth(self) -> int:
         return self._inflight

@@ -70,6 +70,10 @@ class Judge(Protocol):
         """The model and default policy set; raises when the engine is not up."""
         ...
 
+    async def check_policy(self, policies: PolicySet) -> None:
+        """Raise PromptTooLongError when the set's prompt cannot fit the model's context."""
+        ...
+
     def depth(self) -> int:
         """Requests waiting for or inside the engine, as seen from here."""
         ...
@@ -89,6 +93,11 @@ class EnginePool:
 
     def info(self) -> ModelInfo:
         return ModelInfo(self.engine.adapter.name, self.engine.policies.name)
+
+    def check_policy(self, policies: PolicySet) -> None:
+        """Tokenizes the set's prompt (no tensors); PromptTooLongError when it cannot fit."""
+        with self._lock:
+            self.engine.with_policies(policies)
 
     def variant(self, req: JudgeRequest) -> GuardEngine:
         key = req.key()
@@ -193,6 +202,9 @@ class LocalJudge:
 
     async def info(self) -> ModelInfo:
         return self.pool.info()
+
+    async def check_policy(self, policies: PolicySet) -> None:
+        await asyncio.to_thread(self.pool.check_policy, policies)
 
     def depth(self) -> int:
         return self._pending

@@ -113,9 +113,7 @@ class PolicyRegistry:
         YAML names another set or its version is not greater than the latest)."""
         if self.store is None:
             raise UsageError("this service has no store to register policy versions in")
-        pset = load_policy_text(text, f"<{name}>")
-        if pset.name != name:
-            raise Conflict(f"the YAML is policy set {pset.name!r}, not {name!r}")
+        pset = self.parse(name, text)
         latest = max([s.version for s in (self.sets.get(name), self._stored(name))
                       if s is not None], default=0)
         if pset.version <= latest or self.store.add_policy(
@@ -124,6 +122,14 @@ class PolicyRegistry:
                            f"({latest}); raise `version`")
         self._latest.pop(name, None)
         self._names = (0.0, [])
+        return pset
+
+    def parse(self, name: str, text: str) -> PolicySet:
+        """A candidate version of `name` (PolicyError 422 when invalid, Conflict 409 when the
+        YAML names another set)."""
+        pset = load_policy_text(text, f"<{name}>")
+        if pset.name != name:
+            raise Conflict(f"the YAML is policy set {pset.name!r}, not {name!r}")
         return pset
 
     def versions(self, name: str) -> list[dict]:
