@@ -8,10 +8,10 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import serve_fixtures
 from fastapi.testclient import TestClient
 from test_serve_app import assert_error, settings
 
-from guardrail.engine import GuardEngine
 from guardrail.serve.allow import check_path, parse_url
 from guardrail.serve.app import create_app
 from guardrail.serve.errors import BadRequest
@@ -20,14 +20,7 @@ from guardrail.serve.judge import LocalJudge
 ALLOWED = parse_url("http://media.example/ok")
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model) -> GuardEngine:
-    return GuardEngine.from_pretrained(tiny_model("qwen2_5_vl"))
-
-
-@pytest.fixture(scope="module")
-def clip(video_files) -> bytes:
-    return video_files["mp4_h264"].read_bytes()
+engine, clip = serve_fixtures.engine, serve_fixtures.clip   # shared fixtures
 
 # (url, allowed?) ; refused = outside the prefix (403) or ambiguous (400)
 UNDER = [

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import serve_fixtures
 import videos
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, example, given
@@ -38,14 +39,7 @@ categories:
 """
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model) -> GuardEngine:
-    return GuardEngine.from_pretrained(tiny_model("qwen2_5_vl"))
-
-
-@pytest.fixture(scope="module")
-def clip(video_files) -> bytes:
-    return video_files["mp4_h264"].read_bytes()
+engine, clip = serve_fixtures.engine, serve_fixtures.clip   # shared fixtures
 
 
 def settings(tmp: Path, **changes) -> ServiceSettings:

@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import serve_fixtures
 from fastapi.testclient import TestClient
 
-from guardrail.engine import GuardEngine
 from guardrail.serve.app import create_app
 from guardrail.serve.inputs import Media
 from guardrail.serve.jobs import JobStore
@@ -20,15 +20,7 @@ from guardrail.serve.judge import JudgeRequest, LocalJudge
 from guardrail.serve.runner import job_request
 from guardrail.serve.settings import Jobs, ServiceSettings
 
-
-@pytest.fixture(scope="module")
-def engine(tiny_model) -> GuardEngine:
-    return GuardEngine.from_pretrained(tiny_model("qwen2_5_vl"))
-
-
-@pytest.fixture(scope="module")
-def clip(video_files) -> bytes:
-    return video_files["mp4_h264"].read_bytes()
+engine, clip = serve_fixtures.engine, serve_fixtures.clip   # shared fixtures
 
 
 DB = ""          # the job database of the running test: SQLite or PostgreSQL (see _db)

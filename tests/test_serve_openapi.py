@@ -6,24 +6,15 @@ from __future__ import annotations
 import base64
 import json
 
-import pytest
+import serve_fixtures
 from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
 
-from guardrail.engine import GuardEngine
 from guardrail.serve.app import create_app
 from guardrail.serve.judge import LocalJudge
 from guardrail.serve.settings import Jobs, Limits, Load, ServiceSettings
 
-
-@pytest.fixture(scope="module")
-def engine(tiny_model) -> GuardEngine:
-    return GuardEngine.from_pretrained(tiny_model("qwen2_5_vl"))
-
-
-@pytest.fixture(scope="module")
-def clip(video_files) -> bytes:
-    return video_files["mp4_h264"].read_bytes()
+engine, clip = serve_fixtures.engine, serve_fixtures.clip   # shared fixtures
 
 
 def _app(engine, tmp_path, **changes):

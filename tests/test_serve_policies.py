@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
+import serve_fixtures
 import yaml
 from fastapi.testclient import TestClient
 
@@ -23,14 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ADMIN, USER = {"authorization": "Bearer root"}, {"authorization": "Bearer alice"}
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model) -> GuardEngine:
-    return GuardEngine.from_pretrained(tiny_model("qwen2_5_vl"))
-
-
-@pytest.fixture(scope="module")
-def clip(video_files) -> bytes:
-    return video_files["mp4_h264"].read_bytes()
+engine, clip = serve_fixtures.engine, serve_fixtures.clip   # shared fixtures
 
 
 def app_for(engine, tmp_path, job_db):
