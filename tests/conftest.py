@@ -129,3 +129,21 @@ def job_db(request, tmp_path) -> str:
     with psycopg.connect(server, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     return server.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture
+def small_context_model(tiny_model, tmp_path):
+    """small_context_model(positions) -> a copy of the tiny Qwen2.5-VL whose language model
+    has only `positions` positions (for prompts that cannot fit)."""
+    import json
+
+    def make(positions: int) -> Path:
+        import shutil
+
+        model = shutil.copytree(tiny_model("qwen2_5_vl"), tmp_path / f"context-{positions}")
+        config = json.loads((model / "config.json").read_text())
+        config["text_config"]["max_position_embeddings"] = positions
+        (model / "config.json").write_text(json.dumps(config))
+        return model
+
+    return make

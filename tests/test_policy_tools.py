@@ -122,7 +122,8 @@ def test_lint_counts_with_the_models_tokenizer_against_its_context(tiny_model):
     assert table.exit_code == 0 and "an estimate" in table.stdout
 
 
-def test_lint_warns_on_what_an_author_can_fix_and_fails_what_cannot_fit(tmp_path, tiny_model):
+def test_lint_warns_on_what_an_author_can_fix_and_fails_what_cannot_fit(tmp_path,
+                                                                         small_context_model):
     long_rule = "Footage that shows a very particular situation in a lot of detail. " * 12
     policy = tmp_path / "p.yaml"
     policy.write_text(yaml.safe_dump({"name": "p", "version": 1, "categories": [
@@ -145,12 +146,7 @@ def test_lint_warns_on_what_an_author_can_fix_and_fails_what_cannot_fit(tmp_path
     invalid = _lint(bad, "--json")
     assert invalid.exit_code == 2
     assert json.loads(invalid.stdout)["files"][0]["errors"][0].startswith(f"{bad}:4:")
-    import shutil
-    small = shutil.copytree(tiny_model(), tmp_path / "small")
-    config = json.loads((small / "config.json").read_text())
-    config["text_config"]["max_position_embeddings"] = 512
-    (small / "config.json").write_text(json.dumps(config))
-    too_long = _lint(ROOT / "policies" / "safewatch.yaml", "--model", small)
+    too_long = _lint(ROOT / "policies" / "safewatch.yaml", "--model", small_context_model(512))
     assert too_long.exit_code == 2 and "context is 512 tokens" in too_long.stderr
 
 

@@ -346,17 +346,6 @@ def test_metrics(client, clip):
         assert needle in text, needle
 
 
-def _small_context_model(tiny_model, tmp_path, positions: int) -> Path:
-    import json
-    import shutil
-
-    model = shutil.copytree(tiny_model("qwen2_5_vl"), tmp_path / "small-context")
-    config = json.loads((model / "config.json").read_text())
-    config["text_config"]["max_position_embeddings"] = positions
-    (model / "config.json").write_text(json.dumps(config))
-    return model
-
-
 def _long_policy(categories: int = 40) -> str:
     rule = "Footage that shows or describes a very specific situation in great detail. " * 6
     rows = "".join(f"  - {{id: L{i}, name: Long {i}, blocked: [{rule!r}]}}\n"
@@ -364,12 +353,13 @@ def _long_policy(categories: int = 40) -> str:
     return f"name: long\nversion: 1\ncategories:\n{rows}"
 
 
-def test_a_policy_too_long_for_the_context_is_refused_before_any_tensor(tiny_model, tmp_path,
-                                                                       clip, monkeypatch):
+def test_a_policy_too_long_for_the_context_is_refused_before_any_tensor(small_context_model,
+                                                                       tmp_path, clip,
+                                                                       monkeypatch):
     from guardrail.cli import app as cli
     from guardrail.layout import plan
 
-    model = _small_context_model(tiny_model, tmp_path, 4096)
+    model = small_context_model(4096)
     engine = GuardEngine.from_pretrained(model)                  # the default set fits
     planned = []
     monkeypatch.setattr("guardrail.engine.plan", lambda *a, **k: planned.append(1) or plan(*a, **k))

@@ -96,14 +96,9 @@ def test_a_new_version_reaches_every_replica_sharing_the_store(engine, tmp_path,
             time.sleep(0.2)
 
 
-def test_a_version_too_long_for_the_model_is_refused_at_put(tiny_model, tmp_path, job_db):
-    import json
-    import shutil
-
-    small = shutil.copytree(tiny_model("qwen2_5_vl"), tmp_path / "small")
-    config = json.loads((small / "config.json").read_text())
-    config["text_config"]["max_position_embeddings"] = 4096
-    (small / "config.json").write_text(json.dumps(config))
+def test_a_version_too_long_for_the_model_is_refused_at_put(small_context_model, tmp_path,
+                                                            job_db):
+    small = small_context_model(4096)
     doc = yaml.safe_load((ROOT / "policies" / "safewatch.yaml").read_text())
     doc["version"] = 2
     doc["categories"][0]["blocked"] = ["Footage that shows a very particular thing. " * 40] * 12
