@@ -10,30 +10,21 @@ from collections.abc import Callable
 from typing import Any
 
 from guardrail.bench.datasets import Dataset
+from guardrail.bench.runner import groups, judge_group
 from guardrail.engine import GuardEngine
-from guardrail.errors import VideoError
 from guardrail.policy import PolicySet
-from guardrail.video import load_media
 
 
 def flagged(engine: GuardEngine, dataset: Dataset,
             on_video: Callable[[], None] | None = None) -> dict[str, list[str] | dict]:
     """video_path -> flagged category ids, or {"error": message} for a video that cannot be
-    read. Videos go through the engine `batch_size` at a time."""
-    cfg, out = engine.config, {}
-    items = dataset.videos()
-    for start in range(0, len(items), cfg.batch_size):
-        part, decoded = items[start: start + cfg.batch_size], []
-        for item in part:
-            try:
-                decoded.append((item, load_media(item.path, cfg.sampling, cfg.limits,
-                                                 cfg.decoder)))
-            except (VideoError, OSError) as err:
-                out[item.video_path] = {"error": str(err)}
-        verdicts = engine.check_batch([v for _, v in decoded]) if decoded else []
-        for (item, _), verdict in zip(decoded, verdicts, strict=True):
-            out[item.video_path] = verdict.flagged_ids()
-        for _ in part:
+    read. Videos go through the engine `batch_size` at a time, as `bench run` sends them."""
+    out: dict[str, list[str] | dict] = {}
+    for group in groups(dataset.videos(), engine.config.batch_size):
+        for outcome in judge_group(engine, group):
+            out[outcome.video_path] = (
+                [c["id"] for c in outcome.verdict["categories"] if c["flagged"]]
+                if outcome.verdict is not None else {"error": outcome.error["message"]})
             if on_video:
                 on_video()
     return out
