@@ -18,6 +18,7 @@ host reads the lengths once per tower call, not once per block.
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ class _Planner:
         return plan
 
 
+@functools.cache        # looked up once: a failed import is not cached by Python
 def _varlen_kernel() -> Any:
     try:
         from torch.nn.attention.varlen import varlen_attn
