@@ -346,3 +346,24 @@ def test_an_older_sqlite_store_gains_the_new_columns(tmp_path):
     store = store_for(tmp_path)
     assert store.get("job-old").tenant is None and store.get("job-old").status == "succeeded"
     assert store.create({}, None, None, tenant="key-1").tenant == "key-1"
+
+
+def test_postgres_connections_are_pooled_and_dropped_ones_replaced(tmp_path, request):
+    """PostgreSQL: store calls reuse a few open connections instead of one per call, and a
+    connection the server closed (restart, idle timeout) is replaced, not handed out again."""
+    if not DB.startswith("postgresql"):
+        pytest.skip("PostgreSQL only")
+    import psycopg
+
+    store = store_for(tmp_path)
+    before = store.db.connects
+    for i in range(30):
+        store.get(store.create({"n": i}, None, None).id)
+    assert store.db.connects - before <= 1
+    opened = store.db.connects
+    with psycopg.connect(DB, autocommit=True) as admin:      # drop every other session
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    time.sleep(0.2)                                           # the server's goodbye arrives
+    assert store.counts() == {"queued": 30}   # a dropped connection is not handed out
+    assert store.db.connects == opened + 1

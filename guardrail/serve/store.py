@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -98,7 +100,7 @@ class Postgres:
     inputs_in_db = True
     kind = "postgresql"
 
-    def __init__(self, url: str, connect_timeout_s: float = 10.0):
+    def __init__(self, url: str, connect_timeout_s: float = 10.0, max_idle: int = 8):
         try:
             import psycopg
             from psycopg.rows import dict_row
@@ -108,6 +110,10 @@ class Postgres:
         self.url = url
         self._psycopg, self._rows = psycopg, dict_row
         self._timeout = connect_timeout_s
+        self._idle: list[Any] = []             # open connections waiting for the next tx
+        self._max_idle = max_idle
+        self._idle_lock = threading.Lock()
+        self.connects = 0                      # connections opened so far (for tests, metrics)
         try:
             with self._connect():
                 pass
@@ -116,24 +122,73 @@ class Postgres:
                              f"{' '.join(str(err).split())[:200]}") from None
 
     def _connect(self) -> Any:
-        return self._psycopg.connect(self.url, row_factory=self._rows,
+        self.connects += 1
+        return self._psycopg.connect(self.url, row_factory=self._rows, autocommit=True,
                                      connect_timeout=max(1, int(self._timeout)))
+
+    def _take(self) -> Any:
+        with self._idle_lock:
+            while self._idle:
+                conn = self._idle.pop()
+                if self._alive(conn):
+                    return conn
+                conn.close()
+        return self._connect()
+
+    @staticmethod
+    def _alive(conn: Any) -> bool:
+        """Whether an idle connection can be handed out, without a round trip: nothing should
+        arrive on an idle connection, so a readable socket means the server ended the session
+        (restart, idle timeout, terminate) or sent something unexpected; either way, a fresh
+        connection is the safe choice."""
+        if conn.closed or conn.broken:
+            return False
+        try:
+            readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    def _give(self, conn: Any) -> None:
+        idle_ok = conn.info.transaction_status == self._psycopg.pq.TransactionStatus.IDLE
+        with self._idle_lock:
+            if idle_ok and not conn.closed and len(self._idle) < self._max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     @contextmanager
     def tx(self, write: bool = True) -> Iterator[Any]:
-        with self._connect() as conn:          # commits on success, rolls back on error
-            yield _PgConnection(conn)
+        """A pooled connection inside one transaction: committed on success, rolled back on
+        error; a connection the server dropped is discarded rather than handed out again."""
+        conn = self._take()
+        try:
+            with conn.transaction():
+                yield _PgConnection(conn)
+        except BaseException:
+            if conn.closed or conn.broken:
+                conn.close()
+            else:
+                self._give(conn)
+            raise
+        self._give(conn)
+
+    def close(self) -> None:
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
     def execute_schema(self, statements: list[str]) -> None:
-        with self._connect() as conn:
+        with self.tx() as conn:
             conn.execute("SELECT pg_advisory_xact_lock(7240117)")   # replicas start together
             for s in schema_for(self.kind, statements):
                 conn.execute(s)
 
     def columns(self, table: str) -> set[str]:
-        with self._connect() as conn:
+        with self.tx(write=False) as conn:
             rows = conn.execute("SELECT column_name FROM information_schema.columns "
-                                "WHERE table_name = %s", (table,)).fetchall()
+                                "WHERE table_name = ?", (table,)).fetchall()
         return {r["column_name"] for r in rows}
 
 
