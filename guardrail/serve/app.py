@@ -31,10 +31,9 @@ from guardrail.serve.errors import (
     Unauthorized,
     Unavailable,
     Unprocessable,
-    UnsupportedMediaType,
     install_error_handlers,
 )
-from guardrail.serve.inputs import Media, read_body
+from guardrail.serve.inputs import Media, read_body, require_json
 from guardrail.serve.jobs import Job, JobStore
 from guardrail.serve.judge import Judge
 from guardrail.serve.limits import Admission, BodyLimit
@@ -42,6 +41,8 @@ from guardrail.serve.metrics import CONTENT_TYPE, Metrics
 from guardrail.serve.openapi import complete
 from guardrail.serve.pipeline import Moderator
 from guardrail.serve.registry import PolicyRegistry
+from guardrail.serve.review_api import COOKIE, review_api, review_page
+from guardrail.serve.reviews import ReviewStore
 from guardrail.serve.runner import JobRunner, job_request, job_view
 from guardrail.serve.schemas import (
     CategoryInfo,
@@ -78,8 +79,9 @@ def build_app(judge: Judge, settings: ServiceSettings | None = None
     settings.check_auth()
     store = JobStore(settings.jobs.url(), settings.jobs.spool())
     registry = PolicyRegistry(settings.policies_dir, settings.policy_set, store)
+    reviews = ReviewStore(store.db, settings.review.max_items)
     metrics = Metrics()
-    moderator = Moderator(judge, settings, registry, metrics)
+    moderator = Moderator(judge, settings, registry, metrics, reviews)
     runner = JobRunner(store, moderator, settings.jobs, metrics)
 
     @asynccontextmanager
@@ -95,8 +97,11 @@ def build_app(judge: Judge, settings: ServiceSettings | None = None
     app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
     app.add_middleware(Admission, moderator=moderator, paths=ADMITTED)   # outermost: first
     app.middleware("http")(_observe(metrics))
+    keys, admins = settings.keys(), settings.admins()
+    app.include_router(review_api(reviews, _auth(keys, admins, cookie=True)))  # before /v1
     app.include_router(_api(moderator, registry, store, runner, settings),
-                       dependencies=[Depends(_auth(settings.keys(), settings.admins()))])
+                       dependencies=[Depends(_auth(keys, admins))])
+    app.include_router(review_page(keys, _auth(keys, admins, cookie=True)))
     app.include_router(_open(judge, moderator, store, metrics))
     inferred = app.openapi
 
@@ -119,14 +124,15 @@ def _api(moderator: Moderator, registry: PolicyRegistry, store: JobStore, runner
         fields, source = await read_body(request, ModerateJSON, moderator.sources)
         try:
             req = moderator.request(fields)
-            return await moderator.moderate(source, req, fields.frames)
+            return await moderator.moderate(source, req, fields.frames,
+                                            tenant=request.state.caller.key)
         finally:
             if isinstance(source, Media):
                 source.discard()
 
     @api.post("/moderations", response_model=ModerationsResponse,
-              dependencies=[Depends(_json_body)])
-    async def moderations(body: ModerationsRequest) -> ModerationsResponse:
+              dependencies=[Depends(require_json)])
+    async def moderations(body: ModerationsRequest, request: Request) -> ModerationsResponse:
         parts = [body.input] if isinstance(body.input, str) else body.input
         if not parts or any(isinstance(p, str | TextPart) for p in parts):
             raise BadRequest("only video_url and image_url inputs are judged; text is not")
@@ -136,7 +142,9 @@ def _api(moderator: Moderator, registry: PolicyRegistry, store: JobStore, runner
                    else moderator.sources.from_url(p.image_url.url, "image") for p in parts]
         options = body.options()
         req = moderator.request(options)
-        verdicts = await _all([moderator.moderate(s, req, options.frames) for s in sources])
+        tenant = request.state.caller.key
+        verdicts = await _all([moderator.moderate(s, req, options.frames, tenant=tenant)
+                               for s in sources])
         results = [ModerationResult.of(v, s.kind) for v, s in zip(verdicts, sources,
                                                                   strict=True)]
         return ModerationsResponse(id=f"modr-{uuid.uuid4().hex}", model=verdicts[0].model,
@@ -255,12 +263,6 @@ async def _all(calls: list[Awaitable[Verdict]]) -> list[Verdict]:
     return [t.result() for t in tasks]
 
 
-async def _json_body(request: Request) -> None:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "application/json" and not ctype.endswith("+json"):
-        raise UnsupportedMediaType("send application/json")
-
-
 def _detail(pset, yaml_text: str | None = None) -> PolicyDetail:
     return PolicyDetail(name=pset.name, version=pset.version, hash=pset.content_hash,
                         yaml=yaml_text, categories=[
@@ -282,13 +284,17 @@ class Caller:
         return self.key is None or self.admin or tenant == self.key
 
 
-def _auth(keys: frozenset[str], admins: frozenset[str]) -> Callable:
+def _auth(keys: frozenset[str], admins: frozenset[str], cookie: bool = False) -> Callable:
+    """The API key check: `Authorization: Bearer <key>`, or (`cookie`: the review console's
+    routes) the key the console's sign-in stored in its cookie."""
     async def check(request: Request) -> None:
         request.state.caller = Caller(None, True)
         if not keys:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         token = token.strip()
+        if cookie and not scheme and request.cookies.get(COOKIE):
+            scheme, token = "bearer", request.cookies[COOKIE]
         if scheme.lower() != "bearer" or not any(
                 hmac.compare_digest(token.encode(), k.encode()) for k in keys):
             raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)")

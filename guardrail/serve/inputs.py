@@ -255,3 +255,10 @@ def _messages(err: ValidationError) -> str:
 
 def options_of(fields: BaseModel) -> Options:
     return Options.model_validate(fields.model_dump(include=set(Options.model_fields)))
+
+
+async def require_json(request: Request) -> None:
+    """A route dependency: the body must be JSON (415 otherwise)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise UnsupportedMediaType("send application/json")

@@ -39,6 +39,8 @@ class Metrics:
                           registry=r)
         self.webhooks = Counter("guardrail_webhook_deliveries", "Webhook delivery attempts.",
                                 ["outcome"], registry=r)
+        self.reviews = Counter("guardrail_review_items", "Verdicts kept for review, and "
+                               "failures to keep one.", ["outcome"], registry=r)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
@@ -52,6 +54,9 @@ class Metrics:
         for c in verdict.categories:
             if c.flagged:
                 self.flags.labels(policy_label, c.id).inc()
+
+    def observe_review(self, ok: bool) -> None:
+        self.reviews.labels("recorded" if ok else "failed").inc()
 
     def set_depths(self, depths: dict[str, int]) -> None:
         for queue, n in depths.items():

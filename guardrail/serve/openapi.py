@@ -32,6 +32,11 @@ ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("put", "/v1/policies/{name}"): (400, 401, 403, 409, 413, 422),
     ("get", "/v1/policies/{name}"): (401, 404),
     ("get", "/v1/policies/{name}/versions"): (401, 404),
+    ("get", "/v1/reviews"): (400, 401, 422),
+    ("get", "/v1/reviews/export"): (401, 422),
+    ("get", "/v1/reviews/{item_id}"): (401, 404),
+    ("get", "/v1/reviews/{item_id}/frames/{k}"): (401, 404, 422),
+    ("post", "/v1/reviews/{item_id}"): (400, 401, 404, 415, 422),
 }
 
 

@@ -8,6 +8,7 @@ Shared by the routes and the job runner. Decoding runs in threads (bounded), the
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from contextlib import contextmanager
 
@@ -16,15 +17,20 @@ from guardrail.serve.inputs import Source, Sources
 from guardrail.serve.judge import Judge, JudgeRequest
 from guardrail.serve.metrics import Metrics
 from guardrail.serve.registry import PolicyRegistry
+from guardrail.serve.reviews import ReviewStore, thumbnails
 from guardrail.serve.schemas import Options
 from guardrail.serve.settings import ServiceSettings
 from guardrail.verdict import Verdict
+from guardrail.video import Video
+
+log = logging.getLogger("guardrail.serve")
 
 
 class Moderator:
     def __init__(self, judge: Judge, settings: ServiceSettings, registry: PolicyRegistry,
-                 metrics: Metrics):
+                 metrics: Metrics, reviews: ReviewStore | None = None):
         self.judge = judge
+        self.reviews = reviews
         self.settings = settings
         self.registry = registry
         self.metrics = metrics
@@ -65,15 +71,37 @@ class Moderator:
         return JudgeRequest(self.registry.resolve(options), options.mode, options.keep_ratio)
 
     async def moderate(self, source: Source, request: JudgeRequest, frames: int | None = None,
-                       timeout_s: float | None = None) -> Verdict:
-        """Judge one video within `timeout_s` (default: the request timeout)."""
+                       timeout_s: float | None = None, *, tenant: str | None = None,
+                       job: str | None = None) -> Verdict:
+        """Judge one video within `timeout_s` (default: the request timeout); the verdict is
+        kept for review as `review.record` says (always for a `job`)."""
         timeout = timeout_s or self.settings.load.request_timeout_s
         try:
-            return await asyncio.wait_for(self._run(source, request, frames), timeout)
+            verdict, video = await asyncio.wait_for(self._run(source, request, frames), timeout)
         except TimeoutError:
             raise RequestTimeout(f"moderation took longer than {timeout:g} s") from None
+        if self.reviews is not None and self.settings.review.records(verdict.flagged,
+                                                                     job is not None):
+            await self._record(verdict, video, job or "moderate", tenant)
+        return verdict
 
-    async def _run(self, source: Source, request: JudgeRequest, frames: int | None) -> Verdict:
+    async def _record(self, verdict: Verdict, video: Video, source: str,
+                      tenant: str | None) -> None:
+        """Keep the verdict and its thumbnails for review. A failure here is logged and
+        counted, never the request's failure: the verdict is already decided."""
+        assert self.reviews is not None
+        try:
+            frames, jpegs = await asyncio.to_thread(thumbnails, video,
+                                                    self.settings.review.max_frames)
+            await asyncio.to_thread(self.reviews.record, verdict, frames, jpegs, source, tenant)
+        except Exception:
+            log.exception("recording a verdict for review failed")
+            self.metrics.observe_review(False)
+        else:
+            self.metrics.observe_review(True)
+
+    async def _run(self, source: Source, request: JudgeRequest, frames: int | None
+                   ) -> tuple[Verdict, Video]:
         media = await self.sources.fetch(source)
         t0 = time.perf_counter()
         async with self._decoders:
@@ -84,7 +112,7 @@ class Moderator:
         verdict = verdict.model_copy(update={"timing_ms": timing.model_copy(update={
             "decode_video": timing.decode_video + decode_ms, "total": timing.total + decode_ms})})
         self.metrics.observe_verdict(verdict, self.registry.label(verdict.policy_set))
-        return verdict
+        return verdict, video
 
     def depths(self) -> dict[str, int]:
         return {"requests": self.inflight, "engine": self.judge.depth()}

@@ -104,7 +104,8 @@ class JobRunner:
         verdict = error = None
         try:
             request, frames, source = await asyncio.to_thread(self._decode_request, job)
-            result = await self.moderator.moderate(source, request, frames, self.settings.timeout_s)
+            result = await self.moderator.moderate(source, request, frames, self.settings.timeout_s,
+                                                   tenant=job.tenant, job=job.id)
             verdict = result.model_dump(mode="json")
         except asyncio.CancelledError:
             await asyncio.to_thread(self.store.release, job.id, self.owner)

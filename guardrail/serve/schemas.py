@@ -186,3 +186,49 @@ class Health(BaseModel):
     status: Literal["ok"]
     model: str
     policy_set: str
+
+
+# --- review console -----------------------------------------------------------------------------
+
+ReviewStatus = Literal["pending", "reviewed"]
+
+
+class ReviewDecision(BaseModel):
+    labels: list[str] = Field(description="Category ids that apply; [] = benign.")
+    note: str
+    reviewer: str | None = Field(description="The reviewer's API key id (null without keys).")
+    reviewed_at: str
+
+
+class ReviewSummary(BaseModel):
+    id: str
+    created_at: str
+    status: ReviewStatus
+    flagged: bool = Field(description="The model's verdict.")
+    policy_set: str
+    verdict: Verdict
+
+
+class ReviewList(BaseModel):
+    items: list[ReviewSummary] = Field(description="Newest first.")
+    next: str | None = Field(description="Cursor of the next page; null on the last one.")
+
+
+class ReviewFrame(BaseModel):
+    window: int = Field(description="Index into the verdict's segments.")
+    k: int = Field(description="GET /v1/reviews/{id}/frames/{k} is its JPEG thumbnail.")
+    t_s: float = Field(description="Seconds from the start of the video.")
+
+
+class ReviewDetail(ReviewSummary):
+    source: str = Field(description="The job id, or 'moderate' for a synchronous call.")
+    frames: list[ReviewFrame]
+    review: ReviewDecision | None = Field(description="The current decision; null while "
+                                          "pending.")
+    history: list[ReviewDecision] = Field(description="Every decision, oldest first.")
+
+
+class ReviewPost(_Request):
+    labels: list[str] = Field(max_length=256, description="Category ids that apply to the "
+                              "video; [] = benign.")
+    note: str = Field("", max_length=4000)

@@ -10,6 +10,7 @@ import ipaddress
 import os
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -102,6 +103,19 @@ class Jobs(_Settings):
         return Path(self.url().removeprefix("sqlite:///") + ".inputs")
 
 
+class Review(_Settings):
+    record: Literal["none", "flagged", "all"] = Field(
+        "flagged", description="Which /v1/moderate and /v1/moderations verdicts are kept for "
+        "the review console (job verdicts always are).")
+    max_items: int = Field(10_000, ge=1, description="Items kept; past it the oldest reviewed "
+                           "ones go first, then the oldest pending.")
+    max_frames: int = Field(64, ge=1, description="Thumbnails kept per item (spread evenly "
+                            "over the windows when the model saw more frames).")
+
+    def records(self, flagged: bool, job: bool) -> bool:
+        return job or self.record == "all" or (self.record == "flagged" and flagged)
+
+
 class ServiceSettings(_Settings):
     """Everything the HTTP service needs to know; `args:` in deploy/serve.yaml."""
 
@@ -130,6 +144,7 @@ class ServiceSettings(_Settings):
     load: Load = Field(default_factory=Load)
     batching: Batching = Field(default_factory=Batching)
     jobs: Jobs = Field(default_factory=Jobs)
+    review: Review = Field(default_factory=Review)
 
     @model_validator(mode="after")
     def _known_choices(self) -> ServiceSettings:
