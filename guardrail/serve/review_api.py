@@ -147,7 +147,7 @@ def review_page(keys: frozenset[str], auth: Callable) -> APIRouter:
     return router
 
 
-_PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self'; "
+_PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
                  "style-src 'unsafe-inline'; script-src 'unsafe-inline'; frame-ancestors 'none'",
                  "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
 
@@ -155,7 +155,7 @@ _PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self';
 def _login(message: str = "") -> str:
     error = f'<p class="err">{message}</p>' if message else ""
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
-<title>guardrail review: sign in</title><style>
+<title>guardrail review: sign in</title><link rel="icon" href="data:,"><style>
 body{{font:15px system-ui,sans-serif;background:#f5f6f8;display:grid;place-items:center;
 height:100vh;margin:0}} form{{background:#fff;padding:28px;border-radius:8px;
 box-shadow:0 1px 4px #0002;width:320px}} input{{width:100%;padding:8px;margin:8px 0 14px;
