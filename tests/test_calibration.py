@@ -162,6 +162,15 @@ def test_bench_calibrate_command(tmp_path):
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "scored/metrics.json").read_text())
     assert m["calibration"]["ece"] == pytest.approx(fitted.ece_after, abs=1e-9)
+    # calibrated scores are not fitted on again (the fit would be applied to raw scores)
+    twice = tmp_path / "twice" / "predictions.jsonl"
+    twice.parent.mkdir()
+    twice.write_text("".join(json.dumps({**x, "calibrated": n == 3}) + "\n"
+                             for n, x in enumerate(lines)))
+    res = CliRunner().invoke(bench_app, ["calibrate", "--predictions", str(twice), "--out",
+                                         str(tmp_path / "twice.json")])
+    assert res.exit_code == 2 and "v3.mp4" in res.output and "raw scores" in res.output
+    assert not (tmp_path / "twice.json").exists()
 
 
 def test_fit_warnings_name_small_splits_unfitted_categories_and_pinned_slopes():

@@ -120,6 +120,11 @@ def bench_calibrate(
     from guardrail.errors import UsageError
 
     preds, _ = read_predictions(predictions)
+    already = [p.video_path for p in preds.values() if p.verdict.calibrated]
+    if already:
+        raise UsageError(f"{predictions}: {len(already)} verdicts (e.g. {already[0]}) have "
+                         "calibrated scores; fit on raw scores (judge without --calibration), "
+                         "a calibration is applied to raw scores")
     rows, _ = join(preds, load_dataset(dataset) if dataset is not None else None)
     if not len(rows.labels):
         raise UsageError(f"{predictions}: no labelled predictions to fit on")
