@@ -127,6 +127,26 @@ def test_moderate_upload_with_api_key(server, clip):
     assert verdict["video"]["frames_used"] == 4 and len(verdict["categories"]) == 6
 
 
+def test_review_console_on_ray(server, clip):
+    """On Ray too, a flagged verdict reaches the review queue with its thumbnails, and the
+    console signs in through Serve's proxy."""
+    policy = ("name: ray-review\nversion: 1\ncategories:\n"
+              "  - {id: R1, name: Always, blocked: [anything], threshold: 0.001}\n")
+    verdict = post_video(server.url, clip, frames=2, policy=policy).json()
+    listed = httpx.get(f"{server.url}/v1/reviews", params={"policy_set": "ray-review"},
+                       headers=AUTH, timeout=10).json()["items"]
+    assert verdict["flagged"] and [i["verdict"] for i in listed] == [verdict]
+    detail = httpx.get(f"{server.url}/v1/reviews/{listed[0]['id']}", headers=AUTH,
+                       timeout=10).json()
+    jpeg = httpx.get(f"{server.url}/v1/reviews/{listed[0]['id']}/frames/0", headers=AUTH,
+                     timeout=10)
+    assert len(detail["frames"]) == 2 and jpeg.headers["content-type"] == "image/jpeg"
+    with httpx.Client(base_url=server.url, timeout=10, follow_redirects=True) as browser:
+        assert browser.get("/review").status_code == 401
+        signed_in = browser.post("/review/login", data={"key": KEY})   # follows the redirect
+        assert signed_in.status_code == 200 and 'id="queue"' in signed_in.text
+
+
 def test_openai_client(server, clip):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=120)
     mp4 = base64.b64encode(clip).decode()

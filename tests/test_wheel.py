@@ -1,5 +1,6 @@
 """A normal (non-editable) install works: the built wheel, installed outside the checkout, runs
-`guardrail check` with its default policy set and starts `guardrail serve`."""
+`guardrail check` with its default policy set and starts `guardrail serve` (review page
+included)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ SERVE = textwrap.dedent("""
     try:
         with open(video, "rb") as f:
             r = httpx.post(server.url + "/v1/moderate", files={"file": f}, timeout=120)
-        print(json.dumps({"status": r.status_code, "policy_set": r.json().get("policy_set")}))
+        page = httpx.get(server.url + "/review", timeout=30)
+        print(json.dumps({"status": r.status_code, "policy_set": r.json().get("policy_set"),
+                          "review": [page.status_code, 'id="queue"' in page.text]}))
     finally:
         server.stop()
 """)
@@ -43,6 +46,7 @@ def installed(tmp_path_factory) -> Path:
     wheel = next(out.glob("guardrail-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "guardrail/policies/safewatch.yaml" in names and "guardrail/deploy/serve.yaml" in names
+    assert "guardrail/serve/review.html" in names
     target = out / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(target), str(wheel)], check=True, capture_output=True, timeout=300)
@@ -72,4 +76,5 @@ def test_installed_wheel_serves(installed, tmp_path, tiny_model, video_files):
     got = _run(installed, tmp_path, "-c", SERVE, str(installed), str(tiny_model()),
                str(video_files["mp4_h264"]), str(tmp_path / "jobs.sqlite"))
     assert got.returncode == 0, got.stderr[-3000:]
-    assert json.loads(got.stdout.splitlines()[-1]) == {"status": 200, "policy_set": "safewatch"}
+    assert json.loads(got.stdout.splitlines()[-1]) == {"status": 200, "policy_set": "safewatch",
+                                                       "review": [200, True]}
