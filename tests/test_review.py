@@ -54,11 +54,21 @@ def app_for(tmp: Path, engine, *, keys=(), admins=(), workers=0, **review):
 
 
 def moderate(c, clip: bytes, policy: str = FLAG, key: str | None = None) -> dict:
+    """One /v1/moderate call; returns once the service has kept it for review (or not)."""
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     reply = c.post("/v1/moderate", files={"file": ("v.mp4", clip, "video/mp4")},
                    data={"policy": policy}, headers=headers)
     assert reply.status_code == 200, reply.text
+    settle(c)
     return reply.json()
+
+
+def settle(c, timeout_s: float = 30) -> None:
+    """Wait until no verdict is waiting to be kept (they are kept in the background)."""
+    deadline = time.monotonic() + timeout_s
+    while 'guardrail_queue_depth{queue="review"} 0.0' not in c.get("/metrics").text:
+        assert time.monotonic() < deadline, "verdicts still waiting to be kept"
+        time.sleep(0.02)
 
 
 def items(c, key: str | None = None, **query) -> list[dict]:
@@ -106,6 +116,7 @@ def test_review_record_decides_which_sync_verdicts_are_kept(engine, clip, tmp_pa
             "url": "data:video/mp4;base64," + __import__("base64").b64encode(clip).decode()}}],
             "policy": FLAG})
         assert reply.status_code == 200, reply.text
+        settle(c)
         sets = sorted(i["policy_set"] for i in items(c))
     assert sets == sorted(kept + (["review-set"] if "review-set" in kept else []))
 
@@ -160,7 +171,8 @@ def test_filters_and_pages_newest_first(engine, clip, tmp_path):
         clear = items(c, flagged="false")
         r1 = items(c, category="R1")
         r2 = items(c, category="R2")
-        like = items(c, category="R%")
+        lower = items(c, category="r1")                 # ids are exact on both stores
+        like = c.get("/v1/reviews", params={"category": "R%"})
         by_set = items(c, policy_set="clear-set")
         pending = items(c, status="pending")
         reviewed = items(c, status="reviewed")
@@ -170,7 +182,8 @@ def test_filters_and_pages_newest_first(engine, clip, tmp_path):
     assert len(every) == 5 and created == sorted(created, reverse=True)
     assert [len(p) for p in pages] == [2, 2, 1]
     assert [i for p in pages for i in p] == [i["id"] for i in every]
-    assert len(flagged) == 3 and len(clear) == 2 and len(r1) == 3 and r2 == [] and like == []
+    assert len(flagged) == 3 and len(clear) == 2 and len(r1) == 3 and r2 == [] and lower == []
+    assert like.status_code == 422
     assert {i["policy_set"] for i in by_set} == {"clear-set"} and len(by_set) == 2
     assert len(pending) == 4 and [i["id"] for i in reviewed] == [every[0]["id"]]
     assert bad_cursor.status_code == 400 and bad_cursor.json()["error"]["type"]
@@ -225,24 +238,41 @@ def test_the_console_signs_in_with_a_cookie_that_only_review_routes_take(engine,
     with TestClient(app_for(tmp_path, engine, keys=["k-1"])) as c:
         locked = c.get("/review")
         wrong = c.post("/review/login", data={"key": "nope"}, follow_redirects=False)
-        right = c.post("/review/login", data={"key": "k-1"}, follow_redirects=False)
-        cookie = right.cookies.get("guardrail_key")
+        cross = c.post("/review/login", data={"key": "k-1"}, follow_redirects=False,
+                       headers={"Sec-Fetch-Site": "cross-site"})
+        elsewhere = c.post("/review/login", data={"key": "k-1"}, follow_redirects=False,
+                           headers={"Origin": "http://evil.example"})
+        assert not c.cookies
+        right = c.post("/review/login", data={"key": "k-1"}, follow_redirects=False,
+                       headers={"Sec-Fetch-Site": "same-origin",
+                                "Origin": "http://testserver"})
         page = c.get("/review")                          # the client keeps the cookie
         listed = c.get("/v1/reviews")
         jobs = c.get("/v1/jobs/job-x")
+        policies = c.get("/v1/policies")
+        logout_elsewhere = c.post("/review/logout", headers={"Sec-Fetch-Site": "cross-site"},
+                                  follow_redirects=False)
+        still = c.get("/review")
         out = c.post("/review/logout", follow_redirects=False)
-        c.cookies.clear()
-        after = c.get("/review")
+        after = c.get("/review")                         # the logout expired the cookie
     assert locked.status_code == 401 and 'name="key"' in locked.text
+    assert "frame-ancestors 'none'" in locked.headers["content-security-policy"]
     assert "guardrail review" in locked.text and "id=\"queue\"" not in locked.text
     assert wrong.status_code == 401 and "not accepted" in wrong.text
+    assert cross.status_code == elsewhere.status_code == 403       # no sign-in from other sites
     assert right.status_code == 303 and right.headers["location"] == "/review"
-    set_cookie = right.headers["set-cookie"].lower()
-    assert cookie == "k-1" and "httponly" in set_cookie and "samesite=strict" in set_cookie
+    cookies = right.headers.get_list("set-cookie")
+    assert sorted(x.split("Path=")[1].split(";")[0] for x in cookies) == ["/review",
+                                                                         "/v1/reviews"]
+    for x in cookies:
+        assert x.startswith("guardrail_key=k-1;") and "httponly" in x.lower()
+        assert "samesite=strict" in x.lower()
     assert page.status_code == 200 and 'id="queue"' in page.text
-    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'sha256-" in csp and "unsafe-inline'; frame" not in csp
     assert listed.status_code == 200
-    assert jobs.status_code == 401                      # the cookie is not an API key elsewhere
+    assert jobs.status_code == policies.status_code == 401   # not an API key elsewhere
+    assert logout_elsewhere.status_code == 403 and still.status_code == 200
     assert out.status_code == 303 and after.status_code == 401
 
 
@@ -300,3 +330,53 @@ def test_export_is_bench_predictions_and_calibrate_and_score_run_on_it(engine, c
     assert scored.exit_code == 0, scored.output
     metrics = json.loads((tmp_path / "score" / "metrics.json").read_text())
     assert metrics["n_videos"] == 5
+
+
+def _store():
+    from guardrail.serve.jobs import JobStore
+    from guardrail.serve.reviews import ReviewStore
+
+    jobs = JobStore(DB, Path(DB.removeprefix("sqlite:///")).parent / "spool"
+                    if DB.startswith("sqlite") else "/tmp/guardrail-review-test-spool")
+    return ReviewStore(jobs.db, max_items=100)
+
+
+def _verdict(flagged: bool = True):
+    from guardrail.verdict import Verdict
+
+    return Verdict.model_validate({
+        "flagged": flagged, "categories": [{"id": "R1", "name": "Always", "flagged": flagged,
+                                            "score": 0.9 if flagged else 0.1,
+                                            "threshold": 0.5}],
+        "model": "m", "policy_set": "s", "layout": "parallel", "mode": "fast",
+        "video": {"duration_s": 1.0, "frames_used": 0},
+        "pruning": {"keep_ratio": 1.0, "kept_tokens": 0, "total_tokens": 0}})
+
+
+def test_a_decision_waits_for_a_concurrent_one_instead_of_missing_the_item():
+    """Two reviewers saving the same item at once: the second waits for the first (on
+    PostgreSQL a skip-locked read used to answer "no such item")."""
+    import threading
+
+    reviews = _store()
+    item = reviews.record(_verdict(), [], [], "moderate", None)
+    got = {}
+    with reviews.db.tx() as db:                       # another reviewer's save, in progress
+        db.execute("UPDATE review_items SET note = 'first' WHERE id = ?", (item,))
+        other = threading.Thread(target=lambda: got.update(
+            second=reviews.decide(item, ["R1"], "second", None)))
+        other.start()
+        time.sleep(0.3)
+        assert other.is_alive()                       # waiting for the row, not giving up
+    other.join(30)
+    assert got["second"] is not None and got["second"].review.note == "second"
+
+
+def test_a_job_run_again_replaces_its_item_and_its_decisions():
+    reviews = _store()
+    first = reviews.record(_verdict(True), [], [], "job-abc", None)
+    reviews.decide(first, ["R1"], "seen", None)
+    again = reviews.record(_verdict(False), [], [], "job-abc", None)
+    item = reviews.get(again)
+    assert again == first == "rev-abc" and item.status == "pending" and not item.flagged
+    assert reviews.history(again) == [] and item.review is None

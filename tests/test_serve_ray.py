@@ -133,8 +133,11 @@ def test_review_console_on_ray(server, clip):
     policy = ("name: ray-review\nversion: 1\ncategories:\n"
               "  - {id: R1, name: Always, blocked: [anything], threshold: 0.001}\n")
     verdict = post_video(server.url, clip, frames=2, policy=policy).json()
-    listed = httpx.get(f"{server.url}/v1/reviews", params={"policy_set": "ray-review"},
-                       headers=AUTH, timeout=10).json()["items"]
+    deadline = time.monotonic() + 30
+    while not (listed := httpx.get(f"{server.url}/v1/reviews", params={
+            "policy_set": "ray-review"}, headers=AUTH, timeout=10).json()["items"]):
+        assert time.monotonic() < deadline, "the verdict was not kept for review"
+        time.sleep(0.05)                                  # kept in the background
     assert verdict["flagged"] and [i["verdict"] for i in listed] == [verdict]
     detail = httpx.get(f"{server.url}/v1/reviews/{listed[0]['id']}", headers=AUTH,
                        timeout=10).json()

@@ -91,6 +91,8 @@ def build_app(judge: Judge, settings: ServiceSettings | None = None
             yield
         finally:
             await runner.stop()
+            if moderator.recorder is not None:
+                await moderator.recorder.close(settings.load.drain_timeout_s)
 
     app = FastAPI(title="guardrail", version="1", lifespan=lifespan)
     install_error_handlers(app)

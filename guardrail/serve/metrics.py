@@ -40,7 +40,8 @@ class Metrics:
         self.webhooks = Counter("guardrail_webhook_deliveries", "Webhook delivery attempts.",
                                 ["outcome"], registry=r)
         self.reviews = Counter("guardrail_review_items", "Verdicts kept for review, and "
-                               "failures to keep one.", ["outcome"], registry=r)
+                               "verdicts not kept (failed, or dropped: queue full).",
+                               ["outcome"], registry=r)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(route, method, str(status)).inc()
@@ -55,8 +56,9 @@ class Metrics:
             if c.flagged:
                 self.flags.labels(policy_label, c.id).inc()
 
-    def observe_review(self, ok: bool) -> None:
-        self.reviews.labels("recorded" if ok else "failed").inc()
+    def observe_review(self, outcome: str) -> None:
+        """recorded | failed | dropped (the review queue was full)."""
+        self.reviews.labels(outcome).inc()
 
     def set_depths(self, depths: dict[str, int]) -> None:
         for queue, n in depths.items():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from guardrail.serve.errors import BadRequest, Overloaded, RequestTimeout, Unavailable
 from guardrail.serve.inputs import Source, Sources
@@ -30,7 +30,7 @@ class Moderator:
     def __init__(self, judge: Judge, settings: ServiceSettings, registry: PolicyRegistry,
                  metrics: Metrics, reviews: ReviewStore | None = None):
         self.judge = judge
-        self.reviews = reviews
+        self.recorder = Recorder(reviews, settings.review.max_frames, metrics) if reviews else None
         self.settings = settings
         self.registry = registry
         self.metrics = metrics
@@ -80,25 +80,11 @@ class Moderator:
             verdict, video = await asyncio.wait_for(self._run(source, request, frames), timeout)
         except TimeoutError:
             raise RequestTimeout(f"moderation took longer than {timeout:g} s") from None
-        if self.reviews is not None and self.settings.review.records(verdict.flagged,
-                                                                     job is not None):
-            await self._record(verdict, video, job or "moderate", tenant)
+        if self.recorder is not None and self.settings.review.records(verdict.flagged,
+                                                                      job is not None):
+            await self.recorder.keep(verdict, video, job or "moderate", tenant,
+                                     wait=job is not None)
         return verdict
-
-    async def _record(self, verdict: Verdict, video: Video, source: str,
-                      tenant: str | None) -> None:
-        """Keep the verdict and its thumbnails for review. A failure here is logged and
-        counted, never the request's failure: the verdict is already decided."""
-        assert self.reviews is not None
-        try:
-            frames, jpegs = await asyncio.to_thread(thumbnails, video,
-                                                    self.settings.review.max_frames)
-            await asyncio.to_thread(self.reviews.record, verdict, frames, jpegs, source, tenant)
-        except Exception:
-            log.exception("recording a verdict for review failed")
-            self.metrics.observe_review(False)
-        else:
-            self.metrics.observe_review(True)
 
     async def _run(self, source: Source, request: JudgeRequest, frames: int | None
                    ) -> tuple[Verdict, Video]:
@@ -115,4 +101,78 @@ class Moderator:
         return verdict, video
 
     def depths(self) -> dict[str, int]:
-        return {"requests": self.inflight, "engine": self.judge.depth()}
+        review = self.recorder.pending() if self.recorder else 0
+        return {"requests": self.inflight, "engine": self.judge.depth(), "review": review}
+
+
+class Recorder:
+    """Keeps verdicts for review, one at a time in arrival order, off the request path: a
+    synchronous reply never waits for thumbnails or the database, and a failure to keep one is
+    logged and counted, never the request's failure. A job's verdict is awaited (the job is
+    not done until it is kept). At most `max_pending` wait (each holds its video's frames);
+    past that, synchronous verdicts are not kept (counted as dropped)."""
+
+    def __init__(self, reviews: ReviewStore, max_frames: int, metrics: Metrics,
+                 max_pending: int = 16):
+        self.reviews = reviews
+        self.max_frames = max_frames
+        self.metrics = metrics
+        self.max_pending = max_pending
+        self._queue: asyncio.Queue | None = None
+        self._worker: asyncio.Task | None = None
+        self._unfinished = 0                  # waiting or being kept right now
+
+    def pending(self) -> int:
+        return self._unfinished
+
+    async def keep(self, verdict: Verdict, video: Video, source: str, tenant: str | None,
+                   wait: bool = False) -> None:
+        if self._queue is None or self._worker is None or self._worker.done():
+            self._queue = asyncio.Queue(self.max_pending)
+            self._worker = asyncio.create_task(self._work(self._queue))
+        done = asyncio.get_running_loop().create_future() if wait else None
+        entry = (verdict, video, source, tenant, done)
+        if done is None:
+            try:
+                self._queue.put_nowait(entry)
+            except asyncio.QueueFull:
+                log.warning("review queue full (%d waiting): a verdict was not kept",
+                            self.max_pending)
+                self.metrics.observe_review("dropped")
+                return
+            self._unfinished += 1
+            return
+        self._unfinished += 1
+        try:
+            await self._queue.put(entry)
+        except BaseException:
+            self._unfinished -= 1
+            raise
+        await done
+
+    async def _work(self, queue: asyncio.Queue) -> None:
+        while True:
+            verdict, video, source, tenant, done = await queue.get()
+            try:
+                frames, jpegs = await asyncio.to_thread(thumbnails, video, self.max_frames)
+                await asyncio.to_thread(self.reviews.record, verdict, frames, jpegs, source,
+                                        tenant)
+                self.metrics.observe_review("recorded")
+            except Exception:
+                log.exception("keeping a verdict for review failed")
+                self.metrics.observe_review("failed")
+            finally:
+                queue.task_done()
+                self._unfinished -= 1
+                if done is not None and not done.done():
+                    done.set_result(None)
+
+    async def close(self, timeout_s: float) -> None:
+        """Keep what is waiting (up to `timeout_s`), then stop."""
+        if self._queue is None or self._worker is None:
+            return
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout_s)
+        self._worker.cancel()
+        with suppress(asyncio.CancelledError):
+            await self._worker

@@ -9,16 +9,19 @@ only, so no other route can be driven from a browser session).
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import hmac
 import json
+import re
 from collections.abc import Callable
 from importlib import resources
 from urllib.parse import parse_qs
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from guardrail.serve.errors import BadRequest, NotFound, Unauthorized, Unprocessable
+from guardrail.serve.errors import BadRequest, Forbidden, NotFound, Unauthorized, Unprocessable
 from guardrail.serve.inputs import require_json
 from guardrail.serve.jobs import Job
 from guardrail.serve.reviews import Item, ReviewStore
@@ -34,7 +37,9 @@ from guardrail.serve.schemas import (
 )
 
 COOKIE = "guardrail_key"
+COOKIE_PATHS = ("/review", "/v1/reviews")        # the key travels to the review routes only
 NDJSON = "application/x-ndjson"
+CATEGORY = r"^[A-Za-z0-9_-]{1,32}$"              # a policy category id
 
 
 def review_api(reviews: ReviewStore, auth: Callable) -> APIRouter:
@@ -49,7 +54,7 @@ def review_api(reviews: ReviewStore, auth: Callable) -> APIRouter:
     @api.get("", response_model=ReviewList)
     async def list_reviews(
             request: Request, status: ReviewStatus | None = None, flagged: bool | None = None,
-            category: str | None = Query(None, max_length=64),
+            category: str | None = Query(None, pattern=CATEGORY),
             policy_set: str | None = Query(None, max_length=200),
             limit: int = Query(50, ge=1, le=500),
             cursor: str | None = Query(None, max_length=500)) -> ReviewList:
@@ -66,7 +71,7 @@ def review_api(reviews: ReviewStore, auth: Callable) -> APIRouter:
                               "predictions format of guardrail bench.",
                               "content": {NDJSON: {"schema": {"type": "string"}}}}})
     async def export(request: Request, flagged: bool | None = None,
-                     category: str | None = Query(None, max_length=64),
+                     category: str | None = Query(None, pattern=CATEGORY),
                      policy_set: str | None = Query(None, max_length=200)) -> Response:
         q = query(request, "reviewed", flagged, category, policy_set)
         items = await asyncio.to_thread(reviews.reviewed, q)
@@ -88,13 +93,14 @@ def review_api(reviews: ReviewStore, auth: Callable) -> APIRouter:
 
     @api.get("/{item_id}/frames/{k}", response_class=Response, responses={
         200: {"description": "The thumbnail", "content": {"image/jpeg": {}}}})
-    async def frame(item_id: str, k: int, request: Request) -> Response:
+    async def frame(item_id: str, request: Request,
+                    k: int = Path(ge=0, le=1_000_000)) -> Response:
         item = await readable(request, item_id)
         jpeg = await asyncio.to_thread(reviews.frame, item.id, k)
         if jpeg is None:
             raise NotFound(f"review item {item_id!r} has no frame {k}")
-        return Response(jpeg, media_type="image/jpeg",
-                        headers={"Cache-Control": "private, max-age=86400"})
+        return Response(jpeg, media_type="image/jpeg",     # users' pictures: never cached
+                        headers={"Cache-Control": "no-store"})
 
     @api.post("/{item_id}", response_model=ReviewDetail, dependencies=[Depends(require_json)])
     async def decide(item_id: str, body: ReviewPost, request: Request) -> ReviewDetail:
@@ -118,38 +124,67 @@ def review_page(keys: frozenset[str], auth: Callable) -> APIRouter:
     """`/review` (the console), `/review/login` and `/review/logout`."""
     router = APIRouter(prefix="/review", include_in_schema=False)
     page = resources.files("guardrail.serve").joinpath("review.html").read_text("utf-8")
+    page = page.replace("{{SIGN_OUT}}", "true" if keys else "false")
+    headers = _headers(page)
 
     @router.get("", response_class=HTMLResponse)
     async def console(request: Request) -> Response:
         try:
             await auth(request)
         except Unauthorized:
-            return HTMLResponse(_login(), status_code=401)
-        return HTMLResponse(page, headers=_PAGE_HEADERS)
+            return HTMLResponse(_login(), status_code=401, headers=_headers(_login()))
+        return HTMLResponse(page, headers=headers)
 
     @router.post("/login")
     async def login(request: Request) -> Response:
+        _same_origin(request)
         body = (await request.body())[:4096].decode("utf-8", "replace")
         key = (parse_qs(body).get("key") or [""])[0].strip()
         if not any(hmac.compare_digest(key.encode(), k.encode()) for k in keys):
-            return HTMLResponse(_login("That key is not accepted."), status_code=401)
+            text = _login("That key is not accepted.")
+            return HTMLResponse(text, status_code=401, headers=_headers(text))
         reply = RedirectResponse("/review", status_code=303)
-        reply.set_cookie(COOKIE, key, httponly=True, samesite="strict", path="/",
-                         secure=request.url.scheme == "https")
+        secure = (request.url.scheme == "https"
+                  or request.headers.get("x-forwarded-proto", "").lower() == "https")
+        for path in COOKIE_PATHS:
+            reply.set_cookie(COOKIE, key, httponly=True, samesite="strict", path=path,
+                             secure=secure)
         return reply
 
     @router.post("/logout")
-    async def logout() -> Response:
+    async def logout(request: Request) -> Response:
+        _same_origin(request)
         reply = RedirectResponse("/review", status_code=303)
-        reply.delete_cookie(COOKIE, path="/")
+        for path in COOKIE_PATHS:
+            reply.delete_cookie(COOKIE, path=path)
         return reply
 
     return router
 
 
-_PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
-                 "style-src 'unsafe-inline'; script-src 'unsafe-inline'; frame-ancestors 'none'",
-                 "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+def _same_origin(request: Request) -> None:
+    """Sign-in and sign-out only from the console itself: a form on another site must not
+    sign a reviewer out, or into someone else's key."""
+    site = request.headers.get("sec-fetch-site")
+    origin = request.headers.get("origin")
+    host = request.headers.get("host", "")
+    if site is not None and site not in ("same-origin", "none"):
+        raise Forbidden("sign in from the review page itself")
+    if origin is not None and origin != "null" and origin.split("://", 1)[-1] != host:
+        raise Forbidden("sign in from the review page itself")
+
+
+def _headers(page: str) -> dict[str, str]:
+    """Security headers of a page: only its own inline scripts run (by hash), nothing frames
+    it, nothing caches it."""
+    scripts = re.findall(r"<script>(.*?)</script>", page, re.S)
+    hashes = " ".join("'sha256-" + base64.b64encode(hashlib.sha256(s.encode()).digest())
+                      .decode() + "'" for s in scripts) or "'none'"
+    return {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+            f"style-src 'unsafe-inline'; script-src {hashes}; frame-ancestors 'none'; "
+            "form-action 'self'; base-uri 'none'",
+            "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+            "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
 
 
 def _login(message: str = "") -> str:

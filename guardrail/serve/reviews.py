@@ -33,7 +33,6 @@ _SCHEMA = [
     created_at FLOAT NOT NULL,
     status TEXT NOT NULL,                 -- pending | reviewed
     flagged INTEGER NOT NULL,             -- the model's verdict: 1 flagged, 0 not
-    flagged_ids TEXT NOT NULL,            -- ",C1,C3," (the model's flagged categories)
     policy_set TEXT NOT NULL,
     verdict TEXT NOT NULL,                -- JSON
     frames TEXT NOT NULL,                 -- JSON: [{"window", "k", "t_s"}]
@@ -45,6 +44,9 @@ _SCHEMA = [
     "CREATE INDEX IF NOT EXISTS review_status ON review_items (status, created_at)",
     "CREATE TABLE IF NOT EXISTS review_frames (item TEXT NOT NULL, k INTEGER NOT NULL, "
     "jpeg BYTES NOT NULL, PRIMARY KEY (item, k))",
+    # the categories the model flagged, one row each (the queue's category filter)
+    "CREATE TABLE IF NOT EXISTS review_flags (item TEXT NOT NULL, category TEXT NOT NULL, "
+    "PRIMARY KEY (category, item))",
     """CREATE TABLE IF NOT EXISTS review_history (
     item TEXT NOT NULL, labels TEXT NOT NULL, note TEXT NOT NULL, reviewer TEXT,
     reviewed_at FLOAT NOT NULL
@@ -126,17 +128,17 @@ class ReviewStore:
         job, so a job that runs again replaces its item. Evicts down to `max_items`."""
         item_id = "rev-" + (source.removeprefix("job-") if source.startswith("job-")
                             else uuid.uuid4().hex)
-        ids = verdict.flagged_ids()
         with self.db.tx() as db:
-            for table, key in (("review_frames", "item"), ("review_items", "id")):
-                db.execute(f"DELETE FROM {table} WHERE {key} = ?", (item_id,))
+            _delete(db, item_id)      # a job run again: its earlier run's item and decisions
             db.execute(
-                "INSERT INTO review_items (id, created_at, status, flagged, flagged_ids, "
-                "policy_set, verdict, frames, source, tenant) VALUES "
-                "(?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
-                (item_id, time.time(), int(verdict.flagged), "," + ",".join(ids) + ",",
-                 verdict.policy_set, verdict.model_dump_json(),
-                 json.dumps([f.__dict__ for f in frames]), source, tenant))
+                "INSERT INTO review_items (id, created_at, status, flagged, policy_set, "
+                "verdict, frames, source, tenant) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+                (item_id, time.time(), int(verdict.flagged), verdict.policy_set,
+                 verdict.model_dump_json(), json.dumps([f.__dict__ for f in frames]), source,
+                 tenant))
+            for category in verdict.flagged_ids():
+                db.execute("INSERT INTO review_flags (item, category) VALUES (?, ?)",
+                           (item_id, category))
             for f, jpeg in zip(frames, jpegs, strict=True):
                 db.execute("INSERT INTO review_frames (item, k, jpeg) VALUES (?, ?, ?)",
                            (item_id, f.k, jpeg))
@@ -152,9 +154,7 @@ class ReviewStore:
                           "CASE WHEN status = 'reviewed' THEN 0 ELSE 1 END, created_at, id "
                           "LIMIT ?", (n - self.max_items,)).fetchall()
         for r in rows:
-            for table, key in (("review_frames", "item"), ("review_history", "item"),
-                               ("review_items", "id")):
-                db.execute(f"DELETE FROM {table} WHERE {key} = ?", (r["id"],))
+            _delete(db, r["id"])
 
     def get(self, item_id: str) -> Item | None:
         with self.db.tx(write=False) as db:
@@ -181,13 +181,12 @@ class ReviewStore:
         when there is no such item."""
         now = time.time()
         with self.db.tx() as db:
-            row = db.execute("SELECT id FROM review_items WHERE id = ?" + self.db.lock,
-                             (item_id,)).fetchone()
-            if row is None:
-                return None
-            db.execute("UPDATE review_items SET status = 'reviewed', labels = ?, note = ?, "
-                       "reviewer = ?, reviewed_at = ? WHERE id = ?",
-                       (json.dumps(labels), note, reviewer, now, item_id))
+            # the UPDATE locks the row (two reviewers saving at once: one after the other)
+            cur = db.execute("UPDATE review_items SET status = 'reviewed', labels = ?, note = ?, "
+                             "reviewer = ?, reviewed_at = ? WHERE id = ?",
+                             (json.dumps(labels), note, reviewer, now, item_id))
+            if cur.rowcount == 0:
+                return None                              # no such item, or just evicted
             db.execute("INSERT INTO review_history (item, labels, note, reviewer, reviewed_at) "
                        "VALUES (?, ?, ?, ?, ?)", (item_id, json.dumps(labels), note, reviewer,
                                                   now))
@@ -239,10 +238,17 @@ def _where(q: Query) -> tuple[list[str], list]:
         where.append("flagged = ?")
         params.append(int(q.flagged))
     if q.category is not None:
-        where.append("flagged_ids LIKE ? ESCAPE '!'")
-        exact = q.category.replace("!", "!!").replace("%", "!%").replace("_", "!_")
-        params.append("%," + exact + ",%")
+        where.append("id IN (SELECT item FROM review_flags WHERE category = ?)")
+        params.append(q.category)
     return where, params
+
+
+def _delete(db, item_id: str) -> None:
+    """An item and everything stored with it; the item row first (it takes the row lock a
+    concurrent decision holds, so no decision lands after its history is gone)."""
+    for table, key in (("review_items", "id"), ("review_flags", "item"),
+                       ("review_frames", "item"), ("review_history", "item")):
+        db.execute(f"DELETE FROM {table} WHERE {key} = ?", (item_id,))
 
 
 def _next(item: Item) -> str:
@@ -257,7 +263,7 @@ def _cursor(text: str) -> tuple[float, str]:
         created, last = json.loads(raw)
         if isinstance(created, int | float) and isinstance(last, str):
             return float(created), last
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         pass
     raise ValueError("not a cursor from this API")
 

@@ -122,8 +122,12 @@ class Postgres:
                              f"{' '.join(str(err).split())[:200]}") from None
 
     def _connect(self) -> Any:
-        self.connects += 1
+        """A new connection. No server-side prepared statements: pooled connections live
+        long, and another replica's schema change would make a prepared `SELECT *` fail."""
+        with self._idle_lock:
+            self.connects += 1
         return self._psycopg.connect(self.url, row_factory=self._rows, autocommit=True,
+                                     prepare_threshold=None,
                                      connect_timeout=max(1, int(self._timeout)))
 
     def _take(self) -> Any:
@@ -144,10 +148,11 @@ class Postgres:
         if conn.closed or conn.broken:
             return False
         try:
-            readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+            poll = select.poll()         # not select.select: Ray processes have fds past 1023
+            poll.register(conn.pgconn.socket, select.POLLIN | select.POLLERR | select.POLLHUP)
+            return not poll.poll(0)
         except (OSError, ValueError):
             return False
-        return not readable
 
     def _give(self, conn: Any) -> None:
         idle_ok = conn.info.transaction_status == self._psycopg.pq.TransactionStatus.IDLE
