@@ -1,5 +1,5 @@
 """A bounded attack run against `guardrail serve` on 127.0.0.1: bad inputs, hostile policy
-documents, path / URL / webhook references, auth variants and a burst of concurrent clients.
+documents, path / URL / webhook references, auth variants, the review console and a burst.
 Prints, per class, how many requests were tried and how many were handled as the contract
 says (a 4xx JSON error, or the one expected success); anything else (a 5xx, a non-JSON error, no
 answer) is listed.
@@ -104,6 +104,38 @@ def cases(clip: bytes, origin: str, root: Path) -> dict[str, list[tuple[str, dic
             "auth variants": auths}
 
 
+def review_cases(item: str) -> list[tuple[str, dict, set[int] | None]]:
+    """The review console's API and sign-in, against a real item `item`."""
+    out: list[tuple[str, dict, set[int] | None]] = []
+    for query in ({"cursor": "nope"}, {"cursor": "W1e999999, \"x\"]"}, {"cursor": "A" * 600},
+                  {"cursor": base64.urlsafe_b64encode(b"[1" + b"0" * 400 + b', "x"]').decode()},
+                  {"limit": 0}, {"limit": 10**9},
+                  {"status": "maybe"}, {"flagged": "perhaps"}, {"category": "C1' OR 1=1 --"},
+                  {"category": "%"}, {"category": "C1,C2"}, {"policy_set": "x" * 500}):
+        out.append(("GET /v1/reviews", {"params": query}, None))
+    for path in ("/v1/reviews/rev-nope", f"/v1/reviews/{item}/frames/-1",
+                 f"/v1/reviews/{item}/frames/{10**20}", f"/v1/reviews/{item}/frames/x",
+                 "/v1/reviews/%2e%2e%2fjobs", f"/v1/reviews/{item}%00"):
+        out.append((f"GET {path}", {}, None))
+    for body in ({"labels": ["C99"]}, {"labels": "C1"}, {"labels": [1]}, {"labels": []},
+                 {"labels": [], "note": "n" * 5000}, {"labels": [], "extra": 1},
+                 {"labels": ["C1"] * 300}):
+        out.append((f"POST /v1/reviews/{item}", {"json": body},
+                    {200} if body == {"labels": []} else None))
+    out.append((f"POST /v1/reviews/{item}", {"content": b"labels=C1", "headers": {
+        "content-type": "application/x-www-form-urlencoded"}}, None))
+    out.append((f"POST /v1/reviews/{item}", {"content": b"{", "headers": {
+        "content-type": "application/json"}}, None))
+    out.append(("POST /review/login", {"data": {"key": KEY}, "headers": {
+        "sec-fetch-site": "cross-site"}}, None))
+    out.append(("POST /review/login", {"data": {"key": KEY}, "headers": {
+        "origin": "http://evil.example"}}, None))
+    out.append(("POST /review/logout", {"headers": {"sec-fetch-site": "cross-site"}}, None))
+    out.append(("GET /review", {"raw_auth": True}, {401}))
+    out.append(("GET /v1/reviews/export", {"raw_auth": True}, None))
+    return out
+
+
 def send(client: httpx.Client, method_path: str, kw: dict, accepted: set[int] | None
          ) -> str | None:
     """None when handled as the contract says, else what went wrong."""
@@ -158,6 +190,7 @@ applications:
       allow_urls: [{origin}/ok]
       load: {{max_inflight: 8, retry_after_s: 1}}
       jobs: {{db_path: {root / 'jobs.sqlite'}, workers: 0}}
+      review: {{record: all}}
 """)
     server = serve(args.model, config=str(config), port=0, backend="local", block=False,
                    ready_timeout_s=300)
@@ -169,6 +202,15 @@ applications:
                        if (why := send(client, mp, kw, ok)) is not None]
                 rows.append((name, len(tries), len(tries) - len(bad)))
                 problems += [f"{name}: {mp}: {why}" for mp, why in bad]
+            items = client.get("/v1/reviews", params={"limit": 1},
+                               headers={"authorization": f"Bearer {KEY}"}).json()["items"]
+            tries = review_cases(items[0]["id"] if items else "rev-none")
+            bad = [(f"{mp} #{i}", why) for i, (mp, kw, ok) in enumerate(tries)
+                   if (why := send(client, mp, kw, ok)) is not None]
+            rows.append(("review console", len(tries), len(tries) - len(bad)))
+            problems += [f"review console: {mp}: {why}" for mp, why in bad]
+            if not items:
+                problems.append("review console: no item was kept to attack")
 
             def one(_):
                 r = client.post("/v1/moderate", files={"file": ("v.mp4", clip)},
