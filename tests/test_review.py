@@ -176,6 +176,7 @@ def test_filters_and_pages_newest_first(engine, clip, tmp_path):
         by_set = items(c, policy_set="clear-set")
         pending = items(c, status="pending")
         reviewed = items(c, status="reviewed")
+        facets = c.get("/v1/reviews/facets").json()
         bad_cursor = c.get("/v1/reviews", params={"cursor": "nope"})
         bad_status = c.get("/v1/reviews", params={"status": "maybe"})
     created = [i["created_at"] for i in every]
@@ -186,6 +187,7 @@ def test_filters_and_pages_newest_first(engine, clip, tmp_path):
     assert like.status_code == 422
     assert {i["policy_set"] for i in by_set} == {"clear-set"} and len(by_set) == 2
     assert len(pending) == 4 and [i["id"] for i in reviewed] == [every[0]["id"]]
+    assert facets == {"policy_sets": ["clear-set", "review-set"], "categories": ["R1"]}
     assert bad_cursor.status_code == 400 and bad_cursor.json()["error"]["type"]
     assert bad_status.status_code == 422
 
@@ -227,10 +229,14 @@ def test_reviews_belong_to_the_key_that_asked(engine, clip, tmp_path):
         frame = c.get(f"/v1/reviews/{mine['id']}/frames/0", headers=b)
         post = c.post(f"/v1/reviews/{mine['id']}", json={"labels": []}, headers=b)
         anonymous = c.get("/v1/reviews")
+        facets_b = c.get("/v1/reviews/facets", headers=b).json()
+        facets_a = c.get("/v1/reviews/facets", headers={"Authorization": "Bearer a-key"}).json()
         export_b = c.get("/v1/reviews/export", headers=b)
     assert theirs == [] and [i["id"] for i in everyone] == [mine["id"]]
     assert get.status_code == frame.status_code == post.status_code == 404
     assert anonymous.status_code == 401 and export_b.text == ""
+    assert facets_b == {"policy_sets": [], "categories": []}
+    assert facets_a == {"policy_sets": ["review-set"], "categories": ["R1"]}
 
 
 def test_the_console_signs_in_with_a_cookie_that_only_review_routes_take(engine, clip,

@@ -133,6 +133,7 @@ def test_a_reviewer_signs_in_opens_an_item_and_records_labels(service, tmp_path)
             queue = page.locator("#queue li")
             expect(queue).to_have_count(3)
             expect(page.locator("#signout button")).to_be_visible()
+            expect(page.locator("#f-set option[value=safewatch]")).to_have_count(1)
             expect(page.locator("#item-id")).to_have_text(items[0]["id"])  # newest opens first
             queue.nth(1).click()
             expect(page.locator("#item-id")).to_have_text(second["id"])

@@ -34,6 +34,7 @@ ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/v1/policies/{name}/versions"): (401, 404),
     ("get", "/v1/reviews"): (400, 401, 422),
     ("get", "/v1/reviews/export"): (401, 422),
+    ("get", "/v1/reviews/facets"): (401,),
     ("get", "/v1/reviews/{item_id}"): (401, 404),
     ("get", "/v1/reviews/{item_id}/frames/{k}"): (401, 404, 422),
     ("post", "/v1/reviews/{item_id}"): (400, 401, 404, 415, 422),

@@ -29,6 +29,7 @@ from guardrail.serve.reviews import Query as ReviewQuery
 from guardrail.serve.schemas import (
     ReviewDecision,
     ReviewDetail,
+    ReviewFacets,
     ReviewFrame,
     ReviewList,
     ReviewPost,
@@ -64,6 +65,13 @@ def review_api(reviews: ReviewStore, auth: Callable) -> APIRouter:
         except ValueError as err:
             raise BadRequest(f"cursor: {err}") from None
         return ReviewList(items=[_summary(i) for i in items], next=nxt)
+
+    @api.get("/facets", response_model=ReviewFacets)
+    async def facets(request: Request) -> ReviewFacets:
+        caller = request.state.caller
+        sets, cats = await asyncio.to_thread(reviews.facets,
+                                             None if caller.admin else caller.key)
+        return ReviewFacets(policy_sets=sets, categories=cats)
 
     @api.get("/export", response_class=Response,
              responses={200: {"description": "One line per reviewed item: the verdict plus "

@@ -217,13 +217,18 @@ class ReviewStore:
                               + " ORDER BY created_at, id", tuple(params)).fetchall()
         return [_item(r) for r in rows]
 
-    def policy_sets(self, tenant: str | None = None) -> list[str]:
+    def facets(self, tenant: str | None = None) -> tuple[list[str], list[str]]:
+        """The policy sets of the stored items and the categories the model flagged in them
+        (the queue's filter choices), each sorted; only `tenant`'s items unless None."""
         where, params = _where(Query(tenant=tenant))
+        cond = " WHERE " + " AND ".join(where) if where else ""
         with self.db.tx(write=False) as db:
-            rows = db.execute("SELECT DISTINCT policy_set FROM review_items"
-                              + (" WHERE " + " AND ".join(where) if where else "")
+            sets = db.execute("SELECT DISTINCT policy_set FROM review_items" + cond
                               + " ORDER BY policy_set", tuple(params)).fetchall()
-        return [r["policy_set"] for r in rows]
+            cats = db.execute("SELECT DISTINCT category FROM review_flags WHERE item IN "
+                              "(SELECT id FROM review_items" + cond + ") ORDER BY category",
+                              tuple(params)).fetchall()
+        return [r["policy_set"] for r in sets], [r["category"] for r in cats]
 
 
 def _where(q: Query) -> tuple[list[str], list]:

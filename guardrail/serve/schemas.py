@@ -214,6 +214,11 @@ class ReviewList(BaseModel):
     next: str | None = Field(description="Cursor of the next page; null on the last one.")
 
 
+class ReviewFacets(BaseModel):
+    policy_sets: list[str] = Field(description="Policy sets of the items this key may read.")
+    categories: list[str] = Field(description="Category ids the model flagged in them.")
+
+
 class ReviewFrame(BaseModel):
     window: int = Field(description="Index into the verdict's segments.")
     k: int = Field(description="GET /v1/reviews/{id}/frames/{k} is its JPEG thumbnail.")
