@@ -243,7 +243,12 @@ def test_the_console_signs_in_with_a_cookie_that_only_review_routes_take(engine,
                                                                         tmp_path):
     with TestClient(app_for(tmp_path, engine, keys=["k-1"])) as c:
         locked = c.get("/review")
-        wrong = c.post("/review/login", data={"key": "nope"}, follow_redirects=False)
+        page_says = {"Sec-Fetch-Site": "same-origin"}             # what a browser sends
+        wrong = c.post("/review/login", data={"key": "nope"}, follow_redirects=False,
+                       headers=page_says)
+        unsaid = c.post("/review/login", data={"key": "k-1"}, follow_redirects=False)
+        null = c.post("/review/login", data={"key": "k-1"}, follow_redirects=False,
+                      headers={"Origin": "null"})
         cross = c.post("/review/login", data={"key": "k-1"}, follow_redirects=False,
                        headers={"Sec-Fetch-Site": "cross-site"})
         elsewhere = c.post("/review/login", data={"key": "k-1"}, follow_redirects=False,
@@ -259,13 +264,14 @@ def test_the_console_signs_in_with_a_cookie_that_only_review_routes_take(engine,
         logout_elsewhere = c.post("/review/logout", headers={"Sec-Fetch-Site": "cross-site"},
                                   follow_redirects=False)
         still = c.get("/review")
-        out = c.post("/review/logout", follow_redirects=False)
+        out = c.post("/review/logout", follow_redirects=False, headers=page_says)
         after = c.get("/review")                         # the logout expired the cookie
     assert locked.status_code == 401 and 'name="key"' in locked.text
     assert "frame-ancestors 'none'" in locked.headers["content-security-policy"]
     assert "guardrail review" in locked.text and "id=\"queue\"" not in locked.text
     assert wrong.status_code == 401 and "not accepted" in wrong.text
     assert cross.status_code == elsewhere.status_code == 403       # no sign-in from other sites
+    assert unsaid.status_code == null.status_code == 403           # nor from nowhere
     assert right.status_code == 303 and right.headers["location"] == "/review"
     cookies = right.headers.get_list("set-cookie")
     assert sorted(x.split("Path=")[1].split(";")[0] for x in cookies) == ["/review",
@@ -386,3 +392,39 @@ def test_a_job_run_again_replaces_its_item_and_its_decisions():
     item = reviews.get(again)
     assert again == first == "rev-abc" and item.status == "pending" and not item.flagged
     assert reviews.history(again) == [] and item.review is None
+
+
+def test_the_recorder_bounds_sync_verdicts_never_starves_jobs_and_frees_waiters_on_close():
+    import asyncio
+
+    from guardrail.serve.metrics import Metrics
+    from guardrail.serve.pipeline import Recorder
+
+    reviews = _store()
+    video = Video(VideoInfo("mp4", "h264", 1.0, 10.0, 64, 48, 10, 1, "pyav"), (Clip(
+        Window(0.0, 1.0, (0,), (0.0,)), np.zeros((1, 48, 64, 3), np.uint8), 10.0),))
+    metrics = Metrics()
+
+    def count(outcome: str) -> float:
+        return metrics.registry.get_sample_value("guardrail_review_items_total",
+                                                 {"outcome": outcome}) or 0.0
+
+    async def scenario():
+        rec = Recorder(reviews, 4, metrics, max_pending=2)
+        for _ in range(5):                   # no await in between: the worker has not run yet
+            await rec.keep(_verdict(), video, "moderate", None)
+        assert rec.pending() == 2 and count("dropped") == 3
+        await asyncio.wait_for(rec.keep(_verdict(), video, "job-1", None, wait=True), 30)
+        assert rec.pending() == 0 and count("recorded") == 3     # the job got in and was kept
+        # close with waiters still queued: every waiter is released, nothing is left counted
+        await rec.keep(_verdict(), video, "moderate", None)
+        job = asyncio.create_task(rec.keep(_verdict(), video, "job-2", None, wait=True))
+        await asyncio.sleep(0)
+        await rec.close(0)
+        await asyncio.wait_for(job, 5)
+        assert rec.pending() == 0
+        await rec.keep(_verdict(), video, "job-3", None, wait=True)   # after close: not kept
+        assert rec.pending() == 0
+
+    asyncio.run(scenario())
+    assert count("recorded") + count("dropped") == 9

@@ -146,7 +146,8 @@ def test_review_console_on_ray(server, clip):
     assert len(detail["frames"]) == 2 and jpeg.headers["content-type"] == "image/jpeg"
     with httpx.Client(base_url=server.url, timeout=10, follow_redirects=True) as browser:
         assert browser.get("/review").status_code == 401
-        signed_in = browser.post("/review/login", data={"key": KEY})   # follows the redirect
+        signed_in = browser.post("/review/login", data={"key": KEY},   # follows the redirect
+                                 headers={"Sec-Fetch-Site": "same-origin"})
         assert signed_in.status_code == 200 and 'id="queue"' in signed_in.text
 
 

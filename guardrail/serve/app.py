@@ -90,9 +90,11 @@ def build_app(judge: Judge, settings: ServiceSettings | None = None
         try:
             yield
         finally:
-            await runner.stop()
-            if moderator.recorder is not None:
-                await moderator.recorder.close(settings.load.drain_timeout_s)
+            try:
+                await runner.stop()
+            finally:
+                if moderator.recorder is not None:
+                    await moderator.recorder.close(settings.load.drain_timeout_s)
 
     app = FastAPI(title="guardrail", version="1", lifespan=lifespan)
     install_error_handlers(app)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 
 from guardrail.serve.errors import BadRequest, Overloaded, RequestTimeout, Unavailable
 from guardrail.serve.inputs import Source, Sources
@@ -108,9 +108,11 @@ class Moderator:
 class Recorder:
     """Keeps verdicts for review, one at a time in arrival order, off the request path: a
     synchronous reply never waits for thumbnails or the database, and a failure to keep one is
-    logged and counted, never the request's failure. A job's verdict is awaited (the job is
-    not done until it is kept). At most `max_pending` wait (each holds its video's frames);
-    past that, synchronous verdicts are not kept (counted as dropped)."""
+    logged and counted, never the request's failure. A job's verdict is awaited (its job ends
+    once the verdict is kept, or keeping it failed). At most `max_pending` verdicts wait (each
+    holds its video's frames); past that, synchronous verdicts are not kept (counted as
+    dropped). Jobs always get in (their number is bounded by the job workers), so a stream of
+    synchronous calls cannot starve a job."""
 
     def __init__(self, reviews: ReviewStore, max_frames: int, metrics: Metrics,
                  max_pending: int = 16):
@@ -121,34 +123,31 @@ class Recorder:
         self._queue: asyncio.Queue | None = None
         self._worker: asyncio.Task | None = None
         self._unfinished = 0                  # waiting or being kept right now
+        self._closed = False
 
     def pending(self) -> int:
         return self._unfinished
 
     async def keep(self, verdict: Verdict, video: Video, source: str, tenant: str | None,
                    wait: bool = False) -> None:
+        if self._closed:
+            self.metrics.observe_review("dropped")
+            return
+        if not wait and self._unfinished >= self.max_pending:
+            log.warning("review queue full (%d waiting): a verdict was not kept",
+                        self._unfinished)
+            self.metrics.observe_review("dropped")
+            return
         if self._queue is None or self._worker is None or self._worker.done():
-            self._queue = asyncio.Queue(self.max_pending)
+            if self._queue is not None:
+                self._abandon(self._queue)        # a worker that died: release its waiters
+            self._queue = asyncio.Queue()
             self._worker = asyncio.create_task(self._work(self._queue))
         done = asyncio.get_running_loop().create_future() if wait else None
-        entry = (verdict, video, source, tenant, done)
-        if done is None:
-            try:
-                self._queue.put_nowait(entry)
-            except asyncio.QueueFull:
-                log.warning("review queue full (%d waiting): a verdict was not kept",
-                            self.max_pending)
-                self.metrics.observe_review("dropped")
-                return
-            self._unfinished += 1
-            return
+        self._queue.put_nowait((verdict, video, source, tenant, done))
         self._unfinished += 1
-        try:
-            await self._queue.put(entry)
-        except BaseException:
-            self._unfinished -= 1
-            raise
-        await done
+        if done is not None:
+            await done
 
     async def _work(self, queue: asyncio.Queue) -> None:
         while True:
@@ -158,21 +157,35 @@ class Recorder:
                 await asyncio.to_thread(self.reviews.record, verdict, frames, jpegs, source,
                                         tenant)
                 self.metrics.observe_review("recorded")
+            except asyncio.CancelledError:          # closed while keeping this one
+                self.metrics.observe_review("dropped")
+                raise
             except Exception:
                 log.exception("keeping a verdict for review failed")
                 self.metrics.observe_review("failed")
             finally:
-                queue.task_done()
-                self._unfinished -= 1
-                if done is not None and not done.done():
-                    done.set_result(None)
+                self._finished(done)
+
+    def _finished(self, done: asyncio.Future | None) -> None:
+        self._unfinished -= 1
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    def _abandon(self, queue: asyncio.Queue) -> None:
+        """Entries a stopped worker will never keep: counted as dropped, their waiters freed."""
+        while not queue.empty():
+            *_, done = queue.get_nowait()
+            self.metrics.observe_review("dropped")
+            self._finished(done)
 
     async def close(self, timeout_s: float) -> None:
-        """Keep what is waiting (up to `timeout_s`), then stop."""
+        """Keep what is waiting (up to `timeout_s`), then stop; what is left is dropped."""
+        self._closed = True
         if self._queue is None or self._worker is None:
             return
-        with suppress(TimeoutError):
-            await asyncio.wait_for(self._queue.join(), timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while self._unfinished and not self._worker.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         self._worker.cancel()
-        with suppress(asyncio.CancelledError):
-            await self._worker
+        await asyncio.gather(self._worker, return_exceptions=True)
+        self._abandon(self._queue)

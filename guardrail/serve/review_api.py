@@ -172,14 +172,18 @@ def review_page(keys: frozenset[str], auth: Callable) -> APIRouter:
 
 def _same_origin(request: Request) -> None:
     """Sign-in and sign-out only from the console itself: a form on another site must not
-    sign a reviewer out, or into someone else's key."""
+    sign a reviewer out, or into someone else's key. Browsers say where a request comes from
+    in `Sec-Fetch-Site`, or at least in `Origin` (never `null`: the pages send their origin);
+    a request that says neither is not from a browser page and is refused too."""
     site = request.headers.get("sec-fetch-site")
     origin = request.headers.get("origin")
     host = request.headers.get("host", "")
-    if site is not None and site not in ("same-origin", "none"):
-        raise Forbidden("sign in from the review page itself")
-    if origin is not None and origin != "null" and origin.split("://", 1)[-1] != host:
-        raise Forbidden("sign in from the review page itself")
+    if site is not None:
+        ok = site in ("same-origin", "none")
+    else:
+        ok = origin is not None and origin.split("://", 1)[-1] == host
+    if not ok or (origin is not None and origin.split("://", 1)[-1] != host):
+        raise Forbidden("sign in and out from the review page itself")
 
 
 def _headers(page: str) -> dict[str, str]:
@@ -192,7 +196,7 @@ def _headers(page: str) -> dict[str, str]:
             f"style-src 'unsafe-inline'; script-src {hashes}; frame-ancestors 'none'; "
             "form-action 'self'; base-uri 'none'",
             "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
-            "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+            "Referrer-Policy": "same-origin", "Cache-Control": "no-store"}
 
 
 def _login(message: str = "") -> str:

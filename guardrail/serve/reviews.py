@@ -47,6 +47,7 @@ _SCHEMA = [
     # the categories the model flagged, one row each (the queue's category filter)
     "CREATE TABLE IF NOT EXISTS review_flags (item TEXT NOT NULL, category TEXT NOT NULL, "
     "PRIMARY KEY (category, item))",
+    "CREATE INDEX IF NOT EXISTS review_flags_item ON review_flags (item)",
     """CREATE TABLE IF NOT EXISTS review_history (
     item TEXT NOT NULL, labels TEXT NOT NULL, note TEXT NOT NULL, reviewer TEXT,
     reviewed_at FLOAT NOT NULL
