@@ -102,10 +102,11 @@ def build_app(judge: Judge, settings: ServiceSettings | None = None
     app.add_middleware(Admission, moderator=moderator, paths=ADMITTED)   # outermost: first
     app.middleware("http")(_observe(metrics))
     keys, admins = settings.keys(), settings.admins()
-    app.include_router(review_api(reviews, _auth(keys, admins, cookie=True)))  # before /v1
+    review_auth = _auth(keys, admins, cookie=True)
+    app.include_router(review_api(reviews, review_auth))                   # before /v1
     app.include_router(_api(moderator, registry, store, runner, settings),
                        dependencies=[Depends(_auth(keys, admins))])
-    app.include_router(review_page(keys, _auth(keys, admins, cookie=True)))
+    app.include_router(review_page(keys, review_auth))
     app.include_router(_open(judge, moderator, store, metrics))
     inferred = app.openapi
 

@@ -16,7 +16,7 @@ import io
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -201,7 +201,7 @@ class ReviewStore:
             created, last = _cursor(cursor)
             where.append("(created_at < ? OR (created_at = ? AND id < ?))")
             params += [created, created, last]
-        sql = ("SELECT * FROM review_items" + (" WHERE " + " AND ".join(where) if where else "")
+        sql = ("SELECT * FROM review_items" + _clause(where)
                + " ORDER BY created_at DESC, id DESC LIMIT ?")
         with self.db.tx(write=False) as db:
             rows = db.execute(sql, (*params, limit + 1)).fetchall()
@@ -211,10 +211,9 @@ class ReviewStore:
 
     def reviewed(self, query: Query) -> list[Item]:
         """Every reviewed item that matches, oldest first (for the export)."""
-        where, params = _where(query)
-        where.append("status = 'reviewed'")
+        where, params = _where(replace(query, status="reviewed"))
         with self.db.tx(write=False) as db:
-            rows = db.execute("SELECT * FROM review_items WHERE " + " AND ".join(where)
+            rows = db.execute("SELECT * FROM review_items" + _clause(where)
                               + " ORDER BY created_at, id", tuple(params)).fetchall()
         return [_item(r) for r in rows]
 
@@ -222,7 +221,7 @@ class ReviewStore:
         """The policy sets of the stored items and the categories the model flagged in them
         (the queue's filter choices), each sorted; only `tenant`'s items unless None."""
         where, params = _where(Query(tenant=tenant))
-        cond = " WHERE " + " AND ".join(where) if where else ""
+        cond = _clause(where)
         with self.db.tx(write=False) as db:
             sets = db.execute("SELECT DISTINCT policy_set FROM review_items" + cond
                               + " ORDER BY policy_set", tuple(params)).fetchall()
@@ -247,6 +246,10 @@ def _where(q: Query) -> tuple[list[str], list]:
         where.append("id IN (SELECT item FROM review_flags WHERE category = ?)")
         params.append(q.category)
     return where, params
+
+
+def _clause(where: list[str]) -> str:
+    return " WHERE " + " AND ".join(where) if where else ""
 
 
 def _delete(db, item_id: str) -> None:

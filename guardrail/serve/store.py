@@ -115,8 +115,7 @@ class Postgres:
         self._idle_lock = threading.Lock()
         self.connects = 0                      # connections opened so far (for tests, metrics)
         try:
-            with self._connect():
-                pass
+            self._give(self._connect())        # reachable now; the connection is kept
         except psycopg.Error as err:
             raise UsageError(f"cannot reach the job database {_safe(url)}: "
                              f"{' '.join(str(err).split())[:200]}") from None
@@ -170,19 +169,8 @@ class Postgres:
         try:
             with conn.transaction():
                 yield _PgConnection(conn)
-        except BaseException:
-            if conn.closed or conn.broken:
-                conn.close()
-            else:
-                self._give(conn)
-            raise
-        self._give(conn)
-
-    def close(self) -> None:
-        with self._idle_lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
+        finally:
+            self._give(conn)                   # closed instead unless idle and healthy
 
     def execute_schema(self, statements: list[str]) -> None:
         with self.tx() as conn:
