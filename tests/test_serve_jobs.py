@@ -21,6 +21,7 @@ from guardrail.serve.runner import job_request
 from guardrail.serve.settings import Jobs, ServiceSettings
 
 engine, clip = serve_fixtures.engine, serve_fixtures.clip   # shared fixtures
+wait_for = serve_fixtures.wait_for
 
 
 DB = ""          # the job database of the running test: SQLite or PostgreSQL (see _db)
@@ -63,13 +64,6 @@ def wait_job(client, job_id: str, timeout_s: float = 60) -> dict:
             return job
         time.sleep(0.05)
     pytest.fail(f"job {job_id} did not end in {timeout_s} s")
-
-
-def wait_for(condition, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 class Receiver:
