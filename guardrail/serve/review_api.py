@@ -134,13 +134,14 @@ def review_page(keys: frozenset[str], auth: Callable) -> APIRouter:
     page = resources.files("guardrail.serve").joinpath("review.html").read_text("utf-8")
     page = page.replace("{{SIGN_OUT}}", "true" if keys else "false")
     headers = _headers(page)
+    sign_in = _login()
 
     @router.get("", response_class=HTMLResponse)
     async def console(request: Request) -> Response:
         try:
             await auth(request)
         except Unauthorized:
-            return HTMLResponse(_login(), status_code=401, headers=_headers(_login()))
+            return HTMLResponse(sign_in, status_code=401, headers=_headers(sign_in))
         return HTMLResponse(page, headers=headers)
 
     @router.post("/login")
@@ -178,11 +179,12 @@ def _same_origin(request: Request) -> None:
     site = request.headers.get("sec-fetch-site")
     origin = request.headers.get("origin")
     host = request.headers.get("host", "")
-    if site is not None:
-        ok = site in ("same-origin", "none")
+    from_here = origin is not None and origin.split("://", 1)[-1] == host
+    if site is None:
+        ok = from_here
     else:
-        ok = origin is not None and origin.split("://", 1)[-1] == host
-    if not ok or (origin is not None and origin.split("://", 1)[-1] != host):
+        ok = site in ("same-origin", "none") and (origin is None or from_here)
+    if not ok:
         raise Forbidden("sign in and out from the review page itself")
 
 
