@@ -15,7 +15,17 @@ from rich.markup import escape
 from rich.table import Table
 
 from guardrail.bench.command import bench_app
-from guardrail.console import ProgressBar, err, fail, guarded, out, quiet_transformers
+from guardrail.console import (
+    Engine_,
+    ProgressBar,
+    VllmOption_,
+    err,
+    fail,
+    guarded,
+    out,
+    quiet_transformers,
+    vllm_settings,
+)
 from guardrail.errors import PolicyError, UsageError, VideoError
 from guardrail.layout import LAYOUTS
 
@@ -146,6 +156,8 @@ def policy_test(
     layout: Annotated[str, typer.Option(help=f"One of {', '.join(LAYOUTS)}.")] = "parallel",
     frames: Annotated[int, typer.Option(help="Frames per window.")] = 8,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:i]")] = "auto",
+    engine_name: Engine_ = "transformers",
+    vllm_option: VllmOption_ = None,
     as_json: Annotated[bool, typer.Option("--json", help="The report as one JSON object.")] = False,
 ):
     """Judge labelled example videos with the set: per example expected vs flagged, per
@@ -160,7 +172,8 @@ def policy_test(
     policies, data = load_policy(file), load_dataset(examples)
     old = load_policy(against) if against is not None else None
     engine = GuardEngine.from_pretrained(model, policies=policies, device=device, layout=layout,
-                                         sampling=SamplingConfig(num_frames=frames))
+                                         sampling=SamplingConfig(num_frames=frames),
+                                         engine=engine_name, vllm=vllm_settings(vllm_option))
     runs = len(data.videos()) * (2 if old is not None else 1)
     with ProgressBar(enabled=not as_json and sys.stderr.isatty()) as bar:
         bar.start(runs, "judging examples")
@@ -272,12 +285,15 @@ def model_make_tiny(
     family: Annotated[str, typer.Option(
         help="qwen2_5_vl | qwen2_vl | qwen3_vl | internvl")] = "qwen2_5_vl",
     seed: Annotated[int, typer.Option(help="Weight seed; same seed, same files.")] = 0,
+    tokenizer: Annotated[Path | None, typer.Option(
+        help="A Qwen tokenizer directory (tokenizer.json ...) to use instead of the built-in "
+             "tiny one; the vocabulary then has its real size.")] = None,
 ):
     """Write a tiny random model + tokenizer + processor (for tests and dry runs only)."""
     from guardrail.tiny import make_tiny
 
     quiet_transformers()
-    path = make_tiny(out_dir, family, seed=seed)
+    path = make_tiny(out_dir, family, seed=seed, tokenizer=tokenizer)
     out.print(f"wrote a tiny random {family} model to {path} (its verdicts are meaningless)")
 
 
@@ -326,6 +342,8 @@ def check(
     calibration: Annotated[str | None, typer.Option(
         help="Score calibration: auto (beside the policy file or in the model dir) or a "
              "file from `guardrail bench calibrate`; off by default.")] = None,
+    engine_name: Engine_ = "transformers",
+    vllm_option: VllmOption_ = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON verdict per line.")] = False,
 ):
     """Judge each video against the policy set; print one verdict per video, in order."""
@@ -343,7 +361,7 @@ def check(
         prompt_style=prompt_style,
         keep_ratio=keep_ratio, pruning_mode=pruning_mode, batch_size=batch_size,
         sampling=sampling, max_new_tokens=max_new_tokens, decoder=decoder,
-        calibration=calibration)
+        calibration=calibration, engine=engine_name, vllm=vllm_settings(vllm_option))
     bad = 0
     with ProgressBar(enabled=not as_json and sys.stderr.isatty()) as bar:
         bar.start(len(videos))

@@ -8,6 +8,7 @@ import functools
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -123,3 +124,32 @@ def quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+# --engine and --vllm-option, shared by check, policy test and bench run
+Engine_ = Annotated[str, typer.Option(
+    "--engine", help="transformers (our runner: every layout, pruning) | vllm (vLLM in "
+    "process: layouts sequential and isolated; needs vLLM installed)")]
+VllmOption_ = Annotated[list[str] | None, typer.Option(
+    "--vllm-option", help="A vLLM engine setting KEY=VALUE (VALUE read as JSON where it "
+    "parses, e.g. tensor_parallel_size=2, gpu_memory_utilization=0.85); repeatable.")]
+
+
+def vllm_settings(pairs: list[str] | None) -> dict | None:
+    """--vllm-option KEY=VALUE pairs -> settings for vllm.LLM (None when none given)."""
+    import json
+
+    from guardrail.errors import UsageError
+
+    if not pairs:
+        return None
+    out: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--vllm-option {pair!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out

@@ -46,23 +46,25 @@ def forced_block(encode, keys: list[str], flags: list[bool]) -> list[int]:
     return encode(f"\nGUARDRAIL: {guardrail_json(keys, flags)}\nEXPLANATION:")
 
 
-def room(encode, keys: list[str], flags: list[list[bool]], max_new_tokens: int) -> int:
-    """Answer tokens the rows can take: the opener, the longest of their forced blocks, the
-    generated tokens and the one token that ends each line."""
+def room(encode, keys: list[str], flags: list[list[bool]], max_new_tokens: int,
+         lead: list[int] = ()) -> int:
+    """Answer tokens the rows can take: the lead, the opener, the longest of their forced
+    blocks, the generated tokens and the one token that ends each line."""
     longest = max(len(forced_block(encode, keys, f)) for f in flags)
-    return len(opener(encode)) + longest + max_new_tokens + 2
+    return len(lead) + len(opener(encode)) + longest + max_new_tokens + 2
 
 
 def explain_batch(batch: Batch, next_positions: list[int], keys: list[str],
-                  flags: list[list[bool]], max_new_tokens: int, stop_ids: set[int]
-                  ) -> list[Explanation]:
+                  flags: list[list[bool]], max_new_tokens: int, stop_ids: set[int],
+                  lead: list[int] = ()) -> list[Explanation]:
     """Decode every row of `batch` (its cache: each window's prompt without the probes, answer
-    positions from `next_positions[b]`) around its own forced verdict `flags[b]`."""
+    positions from `next_positions[b]`) around its own forced verdict `flags[b]`, after the
+    prompt tokens `lead` (the isolated layout's sequential tail; none otherwise)."""
     adapter = batch.adapter
     enc, tok = adapter.encode_text, adapter.tokenizer
     rows = [_Row(forced_block(enc, keys, f), max(1, max_new_tokens // 3)) for f in flags]
     batch.answer(next_positions)
-    hidden = batch.extend([opener(enc)] * len(rows))                      # [B, D]
+    hidden = batch.extend([[*lead, *opener(enc)]] * len(rows))            # [B, D]
     ends_line: dict[int, bool] = {}
 
     def ending(t: int) -> bool:

@@ -40,7 +40,7 @@ from guardrail.layout import (
 from guardrail.policy import PolicySet, load_policy
 from guardrail.prefill import prefill, prefix_kv
 from guardrail.probes import answer_tokens, probe_scores
-from guardrail.prompt import STYLES, VIDEO_SLOT, build_prompt, prompt_segments
+from guardrail.prompt import STYLES, VIDEO_SLOT, build_prompt, explain_tail, prompt_segments
 from guardrail.pruning import PruningConfig
 from guardrail.runner import Batch, Item, batch_from_prefix, batch_from_rows
 from guardrail.shipped import shipped
@@ -50,6 +50,9 @@ from guardrail.video import SamplingConfig, Video, VideoLimits, VideoSource, loa
 # progress(stage, done, total): see GuardEngine.check_batch
 Progress = Callable[[str, int, int], None]
 MODES = ("fast", "explain", "explain_flagged")
+# engine name -> "module:class"; the class loads its model (`load_model`) and judges batches
+ENGINES = {"transformers": "guardrail.engine:GuardEngine",
+           "vllm": "guardrail.vllm_engine:VllmEngine"}
 DEFAULT_POLICY = shipped("policies", "safewatch.yaml")
 
 
@@ -81,6 +84,10 @@ class EngineConfig:
                              f"{', '.join(STYLES)}")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise UsageError("max_new_tokens and batch_size must be at least 1")
+        if self.layout == "isolated" and self.keep_ratio < 1.0:
+            raise UsageError("keep_ratio below 1 needs the policies in the prompt before the "
+                             "verdict; the isolated layout reads each policy in its own branch "
+                             "after the video: use parallel or sequential to prune")
         self.pruning  # noqa: B018 - validates the pruning fields
 
     @property
@@ -107,6 +114,8 @@ class PromptTokens:
     ordered: list[tuple[str, list[int] | tuple[list[int], list[int]]]]   # (kind, ids)
     probes: list[list[int]]
     keys: list[str]
+    lead: list[int]     # explain mode: fed after the prompt, before the answer (isolated: the
+    #                     sequential tail, every chunk and the full question)
 
     @property
     def text_tokens(self) -> int:
@@ -117,13 +126,31 @@ class PromptTokens:
         return n
 
 
+def engine_class(name: str) -> type[GuardEngine]:
+    """The engine registered as `name` (transformers | vllm)."""
+    if name not in ENGINES:
+        raise UsageError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+    import importlib
+
+    module, cls = ENGINES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
 class GuardEngine:
     """Judges videos against one policy set with one model. Not thread-safe (the chunk cache
-    is); use one engine per worker."""
+    is); use one engine per worker.
+
+    This class is the `transformers` engine (our runner: every layout, pruning, the chunk
+    cache) and holds the orchestration both engines share (windows, batching, verdicts,
+    calibration, explain's skeleton). `guardrail.vllm_engine.VllmEngine` overrides how a batch
+    of windows is scored and how text is generated."""
+
+    engine = "transformers"
 
     def __init__(self, adapter: ModelAdapter, policies: PolicySet, config: EngineConfig,
                  chunk_cache: ChunkCache | None = None, calibration: Calibration | None = None,
                  warnings: tuple[str, ...] = ()):
+        self._check_config(config)
         self.adapter = adapter
         self.calibration = calibration
         self._warnings = warnings       # the engine's own; the model's are added per verdict
@@ -142,14 +169,20 @@ class GuardEngine:
     def from_pretrained(cls, model: str | os.PathLike | None = None,
                         policies: str | os.PathLike | PolicySet | None = None,
                         device: str = "auto", dtype: str = "auto", attn: str = "auto",
+                        engine: str = "transformers", vllm: dict | None = None,
                         **config) -> GuardEngine:
         """Load `model` (a local directory, or a hub id where the network allows; default
         $GUARDRAIL_MODEL or Qwen2.5-VL-7B-Instruct) and judge against `policies` (a YAML path
-        or a loaded set; default policies/safewatch.yaml). `config`: EngineConfig fields."""
+        or a loaded set; default policies/safewatch.yaml). `engine`: transformers (our runner)
+        or vllm (vLLM in process; `vllm` holds settings passed to `vllm.LLM`, e.g.
+        tensor_parallel_size, gpu_memory_utilization, max_model_len). `config`: EngineConfig
+        fields."""
         unknown = set(config) - {f.name for f in fields(EngineConfig)}
         if unknown:
             raise UsageError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+        kind = engine_class(engine)
         cfg = EngineConfig(**config)
+        kind._check_config(cfg)            # a bad layout for the engine fails before the load
         pset = policies if isinstance(policies, PolicySet) else load_policy(
             policies or DEFAULT_POLICY)
         policy_file = None if isinstance(policies, PolicySet) else (policies or DEFAULT_POLICY)
@@ -159,13 +192,23 @@ class GuardEngine:
             warnings = (f"calibration auto: no calibration file for policy set {pset.name!r} "
                         f"beside {policy_file or 'the policy file'} or in the model directory; "
                         "scores are uncalibrated",)
-        adapter = create_adapter(model, resolve_placement(device, dtype, attn))
-        return cls(adapter, pset, cfg, calibration=calibration, warnings=warnings)
+        adapter = kind.load_model(model, resolve_placement(device, dtype, attn), vllm)
+        return kind(adapter, pset, cfg, calibration=calibration, warnings=warnings)
+
+    @staticmethod
+    def load_model(model: str | os.PathLike | None, placement, options: dict | None):
+        if options:
+            raise UsageError("vLLM settings apply to the vllm engine only")
+        return create_adapter(model, placement)
+
+    @classmethod
+    def _check_config(cls, config: EngineConfig) -> None:
+        """Refuse settings this engine cannot run (UsageError)."""
 
     def with_config(self, **changes) -> GuardEngine:
         """The same model, policies and chunk cache with other settings (no reload)."""
-        return GuardEngine(self.adapter, self.policies, replace(self.config, **changes),
-                           self.chunks, self.calibration, self._warnings)
+        return type(self)(self.adapter, self.policies, replace(self.config, **changes),
+                          self.chunks, self.calibration, self._warnings)
 
     def with_policies(self, policies: PolicySet) -> GuardEngine:
         """The same model and settings against another set; a calibration fitted for another
@@ -173,7 +216,7 @@ class GuardEngine:
         cal = self.calibration
         if cal is not None and cal.policy_set not in (None, policies.name):
             cal = None
-        return GuardEngine(self.adapter, policies, self.config, self.chunks, cal, self._warnings)
+        return type(self)(self.adapter, policies, self.config, self.chunks, cal, self._warnings)
 
     @property
     def calibrated(self) -> bool:
@@ -220,7 +263,7 @@ class GuardEngine:
                 results[i].append(r)
                 top = float(r.scores.max())
                 if self.config.mode != "fast" and (i not in best or top > best[i][0]):
-                    best[i] = (top, (_text_only(batch.items[row]), *batch.row(row)))
+                    best[i] = (top, self._explain_input(batch, row))
         scores = [torch.stack([r.scores for r in rs]).amax(dim=0) for rs in results]   # [m]
         flags = [[float(x) >= t for x, t in zip(s, self.thresholds, strict=True)]
                  for s in scores]
@@ -240,6 +283,10 @@ class GuardEngine:
                 for i, video in enumerate(decoded)]
 
     # ------------------------------------------------------------------ one batch of windows
+
+    def _explain_input(self, batch: Batch, row: int) -> tuple:
+        """What `_explain` needs of one judged window: (item, cache, slots) of its prompt."""
+        return (_text_only(batch.items[row]), *batch.row(row))
 
     def judge(self, clips: list) -> tuple[list[WindowResult], Batch]:
         """Score every category on each window. Returns per-window results and the batch (its
@@ -326,6 +373,8 @@ class GuardEngine:
                 offset = len(before)
             elif kind == "chunk":
                 seg, n_chunks = text_segment(f"P{n_chunks}", ids, rows), n_chunks + 1
+            elif kind == "branch":
+                seg, n_chunks = text_segment(f"B{n_chunks}", ids, rows), n_chunks + 1
             else:
                 seg = text_segment({"system": "S", "question": "Q"}[kind], ids, rows)
             ordered.append((kind, seg))
@@ -349,11 +398,13 @@ class GuardEngine:
             part, part_flags = rows[start: start + size], flags[start: start + size]
             t = time.perf_counter()
             batch = batch_from_rows(self.adapter, part, room(
-                self.adapter.encode_text, keys, part_flags, self.config.max_new_tokens))
-            next_pos = [int(item.layout.positions[0, item.layout.span("Q").stop - 1]) + 1
-                        for item, _, _ in part]
+                self.adapter.encode_text, keys, part_flags, self.config.max_new_tokens,
+                self.tokens.lead))
+            # the answer starts where the probes did: the first position after the prompt
+            next_pos = [int(item.layout.positions[0, item.probe_start]) for item, _, _ in part]
             texts += explain_batch(batch, next_pos, keys, part_flags,
-                                   self.config.max_new_tokens, self._stop_ids())
+                                   self.config.max_new_tokens, self._stop_ids(),
+                                   self.tokens.lead)
             times += [(time.perf_counter() - t) * 1e3 / len(part)] * len(part)
             if progress:
                 progress("explaining", len(texts), len(rows))
@@ -386,11 +437,13 @@ class GuardEngine:
         for kind, text in prompt_segments(self.prompt, self.config.layout):
             if kind == "system":
                 text = before + text
-            elif kind == "question":
+            elif kind in ("question", "branch"):
                 text = text + after
             if kind == "video":
                 head, tail = text.split(VIDEO_SLOT)
                 ordered.append((kind, (enc(head), enc(tail))))
             else:
                 ordered.append((kind, enc(text)))
-        return PromptTokens(ordered, [enc(r) for r in self.prompt.probes], list(self.prompt.keys))
+        lead = enc(explain_tail(self.prompt) + after) if self.config.layout == "isolated" else []
+        return PromptTokens(ordered, [enc(r) for r in self.prompt.probes], list(self.prompt.keys),
+                            lead)

@@ -8,11 +8,14 @@ the group before it, and sees every earlier group in full. Inside a segment atte
     sequential       [S] [V] [P1] [P2] ... [Q] [R1 R2 ...]
     parallel         [S] [V] [P1 P2 ...] [Q] [R1 R2 ...]
     parallel_cached  [S] [P1 P2 ...] [V] [Q] [R1 R2 ...]
+    isolated         [S] [V] [P1 Q1 R1 | P2 Q2 R2 | ...]
 
-(R_i are the verdict probes, parallel in every layout.) Positions come in `rows` rows: 3 for
-mRoPE (temporal, height, width; text rows are equal), 1 for ordinary RoPE. A segment carries its
-own positions relative to its start (a video keeps its 3-D grid ids) and how far it advances the
-position counter (`advance`, which for a video is what the model's rope index says).
+(R_i are the verdict probes, parallel in every layout. Under `isolated` each category's branch,
+its chunk, its own question and its probe, is one segment named `R<i>` of the last group.)
+Positions come in `rows` rows: 3 for mRoPE (temporal, height, width; text rows are equal), 1 for
+ordinary RoPE. A segment carries its own positions relative to its start (a video keeps its 3-D
+grid ids) and how far it advances the position counter (`advance`, which for a video is what the
+family's reference position formula says).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 from guardrail.errors import UsageError
 
-LAYOUTS = ("sequential", "parallel", "parallel_cached")
+LAYOUTS = ("sequential", "parallel", "parallel_cached", "isolated")
 HOST = torch.device("cpu")   # layouts are planned on the host; the runner moves them once
 
 
@@ -127,10 +130,16 @@ def plan(groups: list[list[Segment]], start: int = 0) -> Layout:
 def build_groups(layout: str, ordered: list[tuple[str, Segment]], probes: list[Segment]
                  ) -> list[list[Segment]]:
     """Groups for `layout` from segments in prompt order, each tagged with its kind ("system",
-    "video", "chunk", "question"): under the parallel layouts consecutive chunks form one group
-    (PEPE); under `sequential` every segment is a group. The probes are always one group."""
+    "video", "chunk", "question", "branch"): under the parallel layouts consecutive chunks form
+    one group (PEPE); under `sequential` every segment is a group. The probes are always one
+    group; under `isolated` each probe ends its category's branch (P_i Q_i) in that group."""
     if layout not in LAYOUTS:
         raise UsageError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout == "isolated":
+        branches = [seg for kind, seg in ordered if kind == "branch"]
+        pairs = enumerate(zip(branches, probes, strict=True))
+        return [*([seg] for kind, seg in ordered if kind != "branch"),
+                [concat(f"R{i}", b, r) for i, (b, r) in pairs]]
     groups: list[list[Segment]] = []
     previous = None
     for kind, seg in ordered:

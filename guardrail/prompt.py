@@ -6,6 +6,10 @@ This module builds plain text only: no chat template and no video tokens; the mo
 adapter wraps the text in its chat template. The wording paraphrases SafeWatch's prompt
 (`reference/safewatch.md`). Every segment ends with a newline, so segments concatenate as they are.
 
+Layout `isolated` judges each category by its own prompt: the shared `S V`, then per category a
+branch `P_i Q_i` (one policy and a short question naming it) before its probe. Its explain text
+continues `S V` with the sequential tail (every chunk and the full question, `explain_tail`).
+
 Styles: `default` (our wording: S before the video) and `safewatch` (SafeWatch's own prompt text,
 as its released evaluation sends it to SafeWatch-8B: the frames first, then the whole
 instruction, with the category list and JSON keys generated from the policy set; the verdict
@@ -20,10 +24,10 @@ from typing import Literal, NamedTuple
 from guardrail.errors import UsageError
 from guardrail.policy import PolicySet, category_key, render_chunk
 
-LAYOUTS = ("sequential", "parallel", "parallel_cached")
+LAYOUTS = ("sequential", "parallel", "parallel_cached", "isolated")
 STYLES = ("default", "safewatch")
 
-SegmentKind = Literal["system", "video", "chunk", "question"]
+SegmentKind = Literal["system", "video", "chunk", "question", "branch"]
 
 SAFE_EXPLANATION = "No safety violations were detected in the video."
 
@@ -42,6 +46,7 @@ class PromptText:
     probes: tuple[str, ...]  # per category: 'GUARDRAIL: {"C1(Sexual Content)":' (no trailing space)
     keys: tuple[str, ...]  # per category: 'C1(Sexual Content)'
     intro: str = ""  # text between the video and the chunks (the safewatch style's instruction)
+    questions: tuple[str, ...] = ()  # per category: `isolated`'s short question naming it
 
 
 class Segment(NamedTuple):
@@ -66,6 +71,7 @@ def build_prompt(policies: PolicySet, style: str = "default") -> PromptText:
         question=_question(tuple(category_key(c) for c in _canonical(policies))),
         probes=tuple(f'GUARDRAIL: {{"{key}":' for key in keys),
         keys=keys,
+        questions=tuple(_one_question(key) for key in keys),
     )
 
 
@@ -76,6 +82,13 @@ def prompt_segments(prompt: PromptText, layout: str) -> tuple[Segment, ...]:
     parallel, so they join the sequential segment next to them: the video segment carries text
     around the video tokens (split at VIDEO_SLOT), and each segment ends with a newline."""
     check_layout(layout)
+    if layout == "isolated":
+        return (
+            Segment("system", prompt.system),
+            Segment("video", VIDEO_SLOT + "\n" + prompt.intro),
+            *(Segment("branch", CHUNKS_OPEN + chunk + CHUNKS_CLOSE + question)
+              for chunk, question in zip(prompt.chunks, prompt.questions, strict=True)),
+        )
     chunks = tuple(Segment("chunk", text) for text in prompt.chunks)
     if layout == "parallel_cached":
         return (
@@ -92,9 +105,21 @@ def prompt_segments(prompt: PromptText, layout: str) -> tuple[Segment, ...]:
     )
 
 
+def explain_tail(prompt: PromptText) -> str:
+    """What follows `S V` in the sequential prompt: every chunk and the full question. Under
+    `isolated`, explain mode continues the shared prefix with it before the answer."""
+    return CHUNKS_OPEN + "".join(prompt.chunks) + CHUNKS_CLOSE + prompt.question
+
+
 def render_prompt(prompt: PromptText, layout: str, video: str = "<video>") -> str:
-    """The full prompt text as the model sees it, `video` standing for the video tokens."""
-    return "".join(seg.text.replace(VIDEO_SLOT, video) for seg in prompt_segments(prompt, layout))
+    """The full prompt text as the model sees it, `video` standing for the video tokens. Under
+    `isolated`: the shared prefix once, then each category's branch after a `--- branch i`
+    marker line (each branch follows the prefix directly; the markers are not model text)."""
+    segments = prompt_segments(prompt, layout)
+    text = "".join(s.text.replace(VIDEO_SLOT, video) for s in segments if s.kind != "branch")
+    for i, seg in enumerate(s for s in segments if s.kind == "branch"):
+        text += f"--- branch {i + 1}: {prompt.keys[i]}\n{seg.text}"
+    return text
 
 
 def check_layout(layout: str) -> str:
@@ -142,6 +167,25 @@ def _question(keys: tuple[str, ...]) -> str:
     )
 
 
+def _one_question(key: str) -> str:
+    return (
+        "Judge the video against the harmful category explained above, and only that category. "
+        'Answer with "GUARDRAIL:" followed by a JSON object with exactly this key:\n'
+        f'"{key}"\n'
+        "Set it to true only if the video violates this category; otherwise set it to false.\n"
+    )
+
+
+def _safewatch_one_question(key: str) -> str:
+    return (
+        "\n**Provide the moderation result in the following JSON format:**\n\n"
+        f'GUARDRAIL = {{{{\n"{key}": boolean\n}}}}\n\n'
+        "**Set the value to true ONLY if the video violates this category. If it does not, set "
+        "it to false.**\n"
+        '**The answer must be the JSON format of "GUARDRAIL", beginning with "GUARDRAIL:"**\n\n'
+    )
+
+
 def _safewatch(policies: PolicySet) -> PromptText:
     """SafeWatch's evaluation prompt (`video_moderation_prompt_vg_fine_grained_final`) verbatim
     around the generated parts; categories listed canonically as in the default style. NOTE: the
@@ -180,4 +224,5 @@ def _safewatch(policies: PolicySet) -> PromptText:
         probes=tuple(f'GUARDRAIL: {{\n    "{key}":' for key in keys),
         keys=keys,
         intro=intro,
+        questions=tuple(_safewatch_one_question(key) for key in keys),
     )

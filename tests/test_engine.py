@@ -49,7 +49,7 @@ def _reordered(engine: GuardEngine, order: list[int]) -> GuardEngine:
         engine.policies.model_copy(update={"categories": [cats[i] for i in order]}))
 
 
-@pytest.mark.parametrize("layout", ["parallel", "parallel_cached"])
+@pytest.mark.parametrize("layout", ["parallel", "parallel_cached", "isolated"])
 def test_order_invariance(engine, clip, layout):
     base = engine.with_config(layout=layout)
     want = _scores(base, clip)
@@ -133,9 +133,10 @@ def test_thresholds_from_the_policy(engine, clip, video_files):
     assert [c.flagged for c in v.categories] == [i % 2 == 0 for i in range(len(cats))]
 
 
+@pytest.mark.parametrize("layout", ["parallel", "isolated"])
 @pytest.mark.parametrize("mode", ["explain", "explain_flagged"])
-def test_explain_mode_always_parses(engine, video_files, mode):
-    eng = engine.with_config(mode=mode, max_new_tokens=12)
+def test_explain_mode_always_parses(engine, video_files, mode, layout):
+    eng = engine.with_config(mode=mode, max_new_tokens=12, layout=layout)
     v = eng.check(video_files["mp4_h264"])
     if mode == "explain_flagged" and not v.flagged:
         assert v.description is None

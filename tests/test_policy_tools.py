@@ -116,7 +116,8 @@ def test_lint_counts_with_the_models_tokenizer_against_its_context(tiny_model):
     assert [c["tokens"] for c in report["categories"]] == [
         len(tok.encode(c, add_special_tokens=False)) for c in chunks]
     assert report["context"] == 32768 and report["errors"] == []
-    assert set(report["prompt_tokens"]) == {"sequential", "parallel", "parallel_cached"}
+    assert set(report["prompt_tokens"]) == {"sequential", "parallel", "parallel_cached",
+                                               "isolated"}
     assert min(report["prompt_tokens"].values()) > sum(c["tokens"] for c in report["categories"])
     table = _lint(ROOT / "policies" / "safewatch.yaml")             # no model: an estimate
     assert table.exit_code == 0 and "an estimate" in table.stdout

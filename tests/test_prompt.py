@@ -11,7 +11,9 @@ from guardrail.prompt import (
     CHUNKS_CLOSE,
     CHUNKS_OPEN,
     LAYOUTS,
+    VIDEO_SLOT,
     build_prompt,
+    explain_tail,
     prompt_segments,
     render_prompt,
 )
@@ -82,7 +84,7 @@ def test_every_segment_ends_with_newline(policies: PolicySet) -> None:
     assert all(s.endswith("\n") for s in (prompt.system, *prompt.chunks, prompt.question))
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", [x for x in LAYOUTS if x != "isolated"])
 def test_render_orders_segments_per_layout(policies: PolicySet, layout: str) -> None:
     prompt = build_prompt(policies)
     text = render_prompt(prompt, layout, video="<VIDEO>")
@@ -97,6 +99,21 @@ def test_render_orders_segments_per_layout(policies: PolicySet, layout: str) -> 
     assert kinds[0] == "system" and kinds[-1] == "question"
     video_at = kinds.index("video")
     assert video_at == (1 + len(prompt.chunks) if layout == "parallel_cached" else 1)
+
+
+@pytest.mark.parametrize("style", ["default", "safewatch"])
+def test_isolated_branches_name_one_category_each(policies: PolicySet, style: str) -> None:
+    """S V shared, then per category its chunk and a question naming only its key; the shared
+    prefix plus the explain tail is exactly the sequential prompt."""
+    prompt = build_prompt(policies, style=style)
+    segments = prompt_segments(prompt, "isolated")
+    assert [s.kind for s in segments] == ["system", "video"] + ["branch"] * len(prompt.chunks)
+    for seg, chunk, key in zip(segments[2:], prompt.chunks, prompt.keys, strict=True):
+        assert chunk in seg.text and f'"{key}"' in seg.text
+        others = [k for k in prompt.keys if k != key]
+        assert not any(f'"{k}"' in seg.text for k in others)
+    head = "".join(s.text for s in segments[:2]).replace(VIDEO_SLOT, "<VIDEO>")
+    assert head + explain_tail(prompt) == render_prompt(prompt, "sequential", video="<VIDEO>")
 
 
 def test_unknown_layout_is_a_usage_error(policies: PolicySet) -> None:

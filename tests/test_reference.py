@@ -66,6 +66,19 @@ def test_sequential_score_is_transformers_probability(engine, ref, clip):
     assert max(want) - min(want) > 1e-3              # the probes really differ
 
 
+def test_isolated_score_is_transformers_probability_of_its_own_prompt(engine, ref, clip):
+    """Under `isolated`, category i's score is transformers' P(true) over its own plain prompt
+    S V P_i Q_i R_i: in the one-pass layout each branch sees the shared prefix and itself only,
+    at the positions a prompt of its own would have."""
+    eng = engine.with_config(layout="isolated")
+    prompt = build_prompt(eng.policies, style=eng.config.prompt_style)
+    head, *branches = render_prompt(prompt, "isolated", video=VIDEO).split("--- branch ")
+    want = [ref.probability_true(ref.inputs(ref.chat(head + b.split("\n", 1)[1]) + probe, clip))
+            for b, probe in zip(branches, prompt.probes, strict=True)]
+    got = eng.judge([clip])[0][0].scores.tolist()
+    assert got == pytest.approx(want, abs=1e-5)
+
+
 def test_prompt_logits_equal_transformers_forward(engine, ref, clip):
     """The engine's forward over the whole sequential prompt (visual features included) gives
     transformers' logits at every position."""

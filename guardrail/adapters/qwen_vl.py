@@ -3,13 +3,13 @@ the same surface (official processor, `get_rope_index`, a language model taking 
 
 What differs is data, not code: Qwen2.5-VL scales temporal ids by `second_per_grid_ts`, Qwen3-VL
 puts per-frame timestamp text inside the video segment and adds DeepStack features at early
-layers. The processor and `get_rope_index` handle the first two; the third arrives as
+layers. The processor makes the tokens; positions come from each family's reference formula
+(`adapters.mrope`, never the installed transformers' `get_rope_index`); DeepStack arrives as
 `deepstack_features` from the visual encoder and is passed to the language model.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from transformers.video_utils import VideoMetadata
 
 from guardrail.adapters import vision_attention
 from guardrail.adapters.base import VideoInputs, VisualFeatures
+from guardrail.adapters.mrope import MRope, mrope_positions
 from guardrail.adapters.transformers_lm import TransformersAdapter
 from guardrail.layout import HOST
 from guardrail.video import Clip
@@ -28,8 +29,8 @@ class QwenVLAdapter(TransformersAdapter):
     def __init__(self, model: Any, processor: Any, name: str, attn: str | None = None):
         super().__init__(model, processor, name, attn)
         self._deepstack = "deepstack_visual_embeds" in self._lm_params
-        self._rope_params = set(inspect.signature(model.model.get_rope_index).parameters)
         self._video_token_id = model.config.video_token_id
+        self.mrope = mrope_spec(model.config)
         tower = model.model.visual
         if "flash" not in str(tower.config._attn_implementation):   # flash is varlen already
             vision_attention.install(tower)
@@ -42,13 +43,7 @@ class QwenVLAdapter(TransformersAdapter):
                                                   tokenize=False)
 
     def video_inputs(self, clip: Clip) -> VideoInputs:
-        win = clip.window
-        window_frames = max(len(win.indices), round((win.end_s - win.start_s) * clip.fps))
-        meta = VideoMetadata(
-            total_num_frames=window_frames, fps=clip.fps,
-            height=clip.frames.shape[1], width=clip.frames.shape[2],
-            duration=win.end_s - win.start_s, frames_indices=list(win.indices),
-        )
+        meta = clip_metadata(clip)
         # Video segment plus one trailing text token: its position tells the segment's advance.
         start, pad, end = self._video_marks()
         tail = self.encode_text("\n")[0]
@@ -59,12 +54,9 @@ class QwenVLAdapter(TransformersAdapter):
         ids = torch.cat([out["input_ids"][0], torch.tensor([tail], device=HOST)])
         types = torch.cat([out["mm_token_type_ids"][0],
                            torch.zeros(1, dtype=torch.long, device=HOST)])
-        rope_kwargs = {k: v for k, v in out.items()
-                       if k in self._rope_params
-                       and k not in ("input_ids", "mm_token_type_ids", "attention_mask")}
-        pos, _ = self.model.model.get_rope_index(ids[None], mm_token_type_ids=types[None],
-                                                 **rope_kwargs)
-        pos = pos[:, 0]                                          # [3, L + 1]
+        step = second_per_grid(self.processor.video_processor.temporal_patch_size, meta)
+        pos = mrope_positions(types, self.mrope, video_grids=out["video_grid_thw"].tolist(),
+                              second_per_grid=[step])                # [3, L + 1]
         encoder_inputs = {k: out[k] for k in ("pixel_values_videos", "video_grid_thw")}
         return VideoInputs(
             ids=ids[:-1], rel_pos=pos[:, :-1].contiguous(), advance=int(pos[0, -1]),
@@ -102,6 +94,31 @@ class QwenVLAdapter(TransformersAdapter):
             return {"visual_pos_masks": visual.to(self.device),
                     "deepstack_visual_embeds": list(deepstack)}
         return {}
+
+
+def clip_metadata(clip: Clip) -> VideoMetadata:
+    """What the processors (ours and vLLM's) are told about a clip's frames: the real fps and
+    the window they were sampled from, so the sampled rate is frames / window duration."""
+    win = clip.window
+    window_frames = max(len(win.indices), round((win.end_s - win.start_s) * clip.fps))
+    return VideoMetadata(
+        total_num_frames=window_frames, fps=clip.fps,
+        height=clip.frames.shape[1], width=clip.frames.shape[2],
+        duration=win.end_s - win.start_s, frames_indices=list(win.indices),
+    )
+
+
+def second_per_grid(temporal_patch_size: int, meta: VideoMetadata) -> float:
+    """Seconds one temporal patch spans: temporal patch size / the sampled frame rate (the
+    Qwen2.5-VL processor's definition, with the rate computed here on every version)."""
+    sampled_fps = len(meta.frames_indices) / meta.total_num_frames * meta.fps
+    return temporal_patch_size / sampled_fps
+
+
+def mrope_spec(config: Any) -> MRope:
+    vision = config.vision_config
+    return MRope(config.model_type, int(getattr(vision, "spatial_merge_size", 2)),
+                 float(getattr(vision, "tokens_per_second", 2.0) or 2.0))
 
 
 def _cat(x: Any) -> torch.Tensor:

