@@ -2,6 +2,11 @@
 side in one run, as ratios against plain transformers `generate()` on the standard prompt.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/speed_cpu.py [--out bench/results/cpu-....md]
+    .venv-vllm/bin/python bench/speed_cpu.py --engines transformers,vllm --out ...
+
+With `--engines transformers,vllm` (run it in the environment .ci/vllm-env builds) the same
+model, saved to a temporary directory, is also loaded into vLLM's engine, and rows for both
+engines under the layouts vLLM runs (sequential, isolated) join the table, one run.
 
 A random Qwen2.5-VL (`--spec small`: the real layout shrunk, see bench/common.py) judges decoded
 8-frame 448x448 videos (1,024 video tokens) against policies/safewatch.yaml. Every configuration
@@ -43,10 +48,39 @@ class Case:
     run: Callable[[int], list]   # repeat index -> verdicts (or [] / a count) for `videos` videos
     videos: int = 1
     new_tokens: int = 0          # generated tokens each video must have (checked), 0 = none
+    external: bool = False       # the model runs outside our hooks (vLLM): no forward counts
 
 
 def log(msg: str) -> None:
     print(f"[speed_cpu {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def engine_cases(engine: GuardEngine, vllm: GuardEngine, videos) -> list[Case]:
+    """Both engines side by side on the layouts vLLM runs, one video and a batch of 8."""
+    batch = videos[:8]
+    cases = []
+    for name, eng in (("transformers", engine), ("vllm", vllm)):
+        for layout in ("sequential", "isolated"):
+            e = eng.with_config(layout=layout, mode="fast", batch_size=8)
+            cases.append(Case(f"{name} {layout} fast", lambda i, e=e: [e.check(
+                videos[i % len(videos)])], external=name == "vllm"))
+            cases.append(Case(f"{name} {layout} fast: check_batch(8)",
+                              lambda i, e=e: e.check_batch(batch), videos=8,
+                              external=name == "vllm"))
+    return cases
+
+
+def load_vllm_twin(model, processor, policies: str) -> GuardEngine:
+    """The same random model in vLLM's engine (saved to a temporary directory first)."""
+    import tempfile
+
+    out = tempfile.mkdtemp(prefix="speed-cpu-vllm-")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    return GuardEngine.from_pretrained(out, policies=policies, engine="vllm", layout="sequential",
+                                       device="cpu", dtype="fp32",
+                                       vllm=dict(max_model_len=8192, enforce_eager=True))
 
 
 def build_cases(engine: GuardEngine, model, processor, videos, mp4: bytes, n: int) -> list[Case]:
@@ -106,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
                     "shared machine)")
     ap.add_argument("--policies", default="policies/safewatch.yaml")
     ap.add_argument("--out", help="also write the table as markdown here")
+    ap.add_argument("--engines", default="transformers", help="transformers | "
+                    "transformers,vllm (adds both engines' rows; needs vLLM installed)")
+    ap.add_argument("--only-engines", action="store_true", help="with --engines: the engine "
+                    "rows and the baseline only")
     ap.add_argument("--steps-only", action="store_true", help="only the per-clip and per-step "
                     "costs (vision attention calls, masks), not the speed table")
     args = ap.parse_args(argv)
@@ -125,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     mp4 = C.encode_mp4()
     cases = build_cases(engine, model, processor, videos, mp4, args.new_tokens)
+    if args.only_engines:
+        cases = cases[:1]
+    if "vllm" in args.engines.split(","):
+        vllm = load_vllm_twin(model, processor, args.policies)
+        cases += engine_cases(engine, vllm, videos)
     log(f"model {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params; "
         f"{len(cases)} configurations x (1 warm-up + {args.repeats})")
 
@@ -137,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             before = meter.snapshot()
             verdicts = case.run(i)
             got = meter.counts.minus(before)
-            if case.new_tokens and case.name != BASELINE:
+            if case.new_tokens and case.name != BASELINE and not case.external:
                 steps = got.decode_steps / case.videos
                 assert steps == case.new_tokens, f"{case.name}: {steps} tokens generated"
             counts[case.name] = got
@@ -172,11 +215,11 @@ def render(cases: list[Case], times, counts, kept, stages) -> str:
     for c in cases:
         per = C.median(times[c.name]) / c.videos
         tokens = counts[c.name].lm_tokens / c.videos if c.name in counts else 0
-        model_row = tokens > 0
+        model_row = tokens > 0 or c.external
         st = {k: f"{C.median(v):,.0f}" for k, v in stages[c.name].items()} if model_row else {}
         parts = [st.get(k, "-") for k in ("decode_video", "enc", "prefill", "verdict", "generate")]
-        calls = counts[c.name].lm_calls if model_row else "-"
-        rows.append(f"| {c.name} | {calls} | {f'{tokens:,.0f}' if model_row else '-'} "
+        calls = counts[c.name].lm_calls if model_row and not c.external else "-"
+        rows.append(f"| {c.name} | {calls} | {f'{tokens:,.0f}' if tokens else '-'} "
                     f"| {kept.get(c.name, '-')} | {per * 1e3:,.0f} | {1 / per:.2f} "
                     f"| {f'{base / per:.2f}' if model_row else '-'} | {' | '.join(parts)} |")
     return "\n".join(rows) + "\n"

@@ -203,3 +203,31 @@ def test_sigterm_drains_in_flight_requests(tmp_path, tiny_model, video_files, ba
         assert proc.returncode == 0 and "exited cleanly" in out
     else:   # NOTE: Ray's shutdown sometimes ends the driver with status 15 after the drain
         assert proc.returncode in (0, 15), proc.returncode
+
+
+def test_vllm_serve_files_are_valid_serve_configs():
+    """The vLLM examples in deploy/: engine vllm, a layout vLLM runs, vLLM settings passed
+    through, and the model replica's GPUs equal to the tensor-parallel size."""
+    cfg = load_config(ROOT / "deploy" / "serve-vllm.yaml")
+    assert cfg.settings.engine == "vllm" and cfg.settings.layout == "isolated"
+    gpus = cfg.deployments["GuardModel"]["ray_actor_options"]["num_gpus"]
+    assert gpus == cfg.settings.vllm["tensor_parallel_size"] == 1
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "rayservice-vllm.yaml").read_text()))
+    service = next(d for d in docs if d["kind"] == "RayService")
+    serve_cfg = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_cfg)
+    app = serve_cfg["applications"][0]
+    settings = ServiceSettings.model_validate(app["args"])
+    model = next(d for d in app["deployments"] if d["name"] == "GuardModel")
+    assert settings.engine == "vllm"
+    assert model["ray_actor_options"]["num_gpus"] == settings.vllm["tensor_parallel_size"] == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    ({"engine": "vllm", "layout": "parallel"}, "sequential and isolated"),
+    ({"engine": "vllm", "layout": "sequential", "keep_ratio": 0.5}, "engine transformers"),
+    ({"vllm": {"max_model_len": 4096}}, "engine: vllm only"),
+])
+def test_settings_refuse_what_the_engine_cannot_run(args, message):
+    with pytest.raises(ValueError, match=message):
+        ServiceSettings.model_validate(args)

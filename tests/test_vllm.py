@@ -147,3 +147,45 @@ def test_prefix_is_computed_once_per_window(engines, clips):
     outs = eng.adapter.llm.generate([eng._prompt(r) for r in asks[1:]], use_tqdm=False)
     assert all(o.num_cached_tokens > 0 for o in outs)
     assert torch.tensor([o.num_cached_tokens for o in outs]).min() >= 128   # >= one CPU block
+
+
+def test_serve_with_engine_vllm_answers_both_apis(model, tmp_path, clips):
+    """`guardrail serve` with deploy/serve-vllm.yaml (its vLLM settings swapped for CPU ones)
+    answers /v1/moderate and the OpenAI-style /v1/moderations from vLLM's engine."""
+    import base64
+    from pathlib import Path
+
+    import httpx
+    import openai
+    import yaml
+
+    from guardrail.serve.command import serve
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "serve-vllm.yaml").read_text())
+    args = cfg["applications"][0]["args"]
+    assert args["engine"] == "vllm" and args["layout"] == "isolated"
+    args["vllm"] = dict(VLLM, distributed_executor_backend="uni")
+    path = tmp_path / "serve-vllm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    server = serve(str(model), config=path, port=0, backend="local", block=False,
+                   jobs_db=str(tmp_path / "jobs.sqlite"), ready_timeout_s=600)
+    try:
+        with clips["short"].open("rb") as f:
+            r = httpx.post(f"{server.url}/v1/moderate", files={"file": ("a.mp4", f)},
+                           timeout=300)
+        assert r.status_code == 200, r.text
+        verdict = r.json()
+        assert verdict["layout"] == "isolated" and len(verdict["categories"]) == 6
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
+                               timeout=300)
+        mp4 = base64.b64encode(clips["short"].read_bytes()).decode()
+        result = client.moderations.create(model="guardrail", input=[
+            {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{mp4}"}}])
+        scores = result.results[0].category_scores.model_extra
+        want = {c["name"]: c["score"] for c in verdict["categories"]}
+        assert scores == pytest.approx(want, abs=1e-6)
+        r = httpx.post(f"{server.url}/v1/moderate", files={"file": ("a.mp4", b"not a video")},
+                       timeout=60)
+        assert r.status_code in (400, 415, 422) and "error" in r.json()
+    finally:
+        server.stop()

@@ -10,11 +10,11 @@ import ipaddress
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from guardrail.engine import MODES
+from guardrail.engine import MODES, EngineConfig, engine_class
 from guardrail.errors import UsageError
 from guardrail.layout import LAYOUTS
 from guardrail.shipped import shipped_dir
@@ -123,6 +123,12 @@ class ServiceSettings(_Settings):
     device: str = "auto"
     dtype: str = "auto"
     attn: str = "auto"
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers: our runner (every layout, pruning); vllm: "
+        "vLLM's engine in the model replica (layouts sequential and isolated).")
+    vllm: dict[str, Any] = Field(default_factory=dict, description="engine vllm: settings "
+                                 "passed to vllm.LLM (tensor_parallel_size, "
+                                 "gpu_memory_utilization, max_model_len, enforce_eager, ...).")
     policies_dir: str = Field(str(SHIPPED_POLICIES), description="Registered policy sets (*.yaml).")
     policy_set: str = Field("safewatch", description="Set used when a request names none.")
     layout: str = "parallel"
@@ -150,6 +156,13 @@ class ServiceSettings(_Settings):
     def _known_choices(self) -> ServiceSettings:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}")
+        if self.vllm and self.engine != "vllm":
+            raise ValueError("vllm settings apply to engine: vllm only")
+        try:       # what the chosen engine cannot run, before any model loads
+            engine_class(self.engine)._check_config(
+                EngineConfig(layout=self.layout, keep_ratio=self.keep_ratio))
+        except UsageError as err:
+            raise ValueError(str(err)) from None
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}")
         if self.frames > self.limits.max_frames:
