@@ -2,6 +2,12 @@
 
     python bench/gpu_qwen25_7b.py [--out $OUT/gpu.md]   # one H100: ~3-5 min, hard stop 7.5 min
     python bench/gpu_qwen25_7b.py --small               # same code, CPU, scaled-down model
+    python bench/gpu_qwen25_7b.py --engine vllm         # a GPU machine with vLLM installed
+
+`--engine vllm` compares the engines instead: the baseline, our runner's isolated and
+parallel_cached rows, and vLLM's engine (the same architecture with vLLM's own random weights,
+`load_format=dummy`, from a config written to a temporary directory) on sequential and isolated,
+single videos and batches. The lent GPU image has no vLLM: there it exits 2 saying so.
 
 No download, no internet: Qwen2.5-VL-7B-Instruct's architecture (bench/common.py SPECS["7b"])
 with random bf16 weights created on the GPU, the bench processor, decoded 8-frame 448x448
@@ -147,6 +153,43 @@ class Bench:
             row.kept = f"{p.kept_tokens}/{p.total_tokens}"
         return row
 
+    def vllm_row(self, name: str, calls: int, batch: int = 1, **changes) -> Row:
+        """check_batch on vLLM's engine (no hooks inside it: wall time and scores only)."""
+        e = self.vllm_engine().with_config(batch_size=batch, **changes)
+        row = Row(name, per_call=batch)
+        e.check_batch(self.videos(batch))
+        for r in range(calls):
+            if r and self.left() < 30:
+                row.note = f"deadline: {r} of {calls} timed calls"
+                break
+            t = time.perf_counter()
+            verdicts = e.check_batch(self.videos(batch))
+            row.seconds.append(time.perf_counter() - t)
+            row.videos += batch
+            scores = [c.score for v in verdicts for c in v.categories]
+            assert all(0.0 <= x <= 1.0 for x in scores), f"{name}: scores out of [0, 1]"
+            for v in verdicts:
+                for k, ms in v.timing_ms.model_dump().items():
+                    row.stages[k] = row.stages.get(k, 0.0) + ms
+        return row
+
+    def vllm_engine(self) -> GuardEngine:
+        if getattr(self, "_vllm", None) is None:
+            import tempfile
+
+            out = tempfile.mkdtemp(prefix="gpu-bench-vllm-")
+            self.model.config.save_pretrained(out)
+            self.processor.save_pretrained(out)
+            t = time.perf_counter()
+            self._vllm = GuardEngine.from_pretrained(
+                out, policies=self.engine.policies, engine="vllm", layout="isolated",
+                dtype="fp32" if self.small else "bf16",
+                vllm=dict(load_format="dummy", max_model_len=8192,
+                          **({"enforce_eager": True} if self.small else
+                             {"gpu_memory_utilization": 0.45})))
+            log(f"vLLM engine ready in {time.perf_counter() - t:.0f} s")
+        return self._vllm
+
     def generate_row(self, name: str, calls: int) -> Row:
         row, n_new = Row(name, new_tokens=self.new_tokens), self.new_tokens
         C.plain_generate(self.model, self.processor, self.prompt, self.videos(1)[0], 8)
@@ -270,6 +313,19 @@ def sections(b: Bench) -> list[tuple[str, int, float, str, Callable[[], Row]]]:
          lambda r: b.engine_row(r, n_b, b16, **pre, **pc)),
         ("decode mp4 (CPU, 8 frames)", 11, 10, "", lambda r: b.decode_row(r, 3)),
     ]
+    if b.args.engine == "vllm":
+        keep = {f"plain generate() {n} tok", f"pc+fast warm b{b8}"}
+        rows = [r for r in rows if r[0] in keep] + [
+            (f"isolated+fast b{b8}", 2, 15, "", lambda r: b.engine_row(r, n_b, b8,
+                                                                      layout="isolated")),
+            ("vllm load (not timed)", 3, 150, "", lambda r: Row(r, note="loaded")
+             if b.vllm_engine() else None),
+            ("vllm sequential+fast b1", 4, 15, "",
+             lambda r: b.vllm_row(r, n_1, layout="sequential")),
+            ("vllm isolated+fast b1", 5, 15, "", lambda r: b.vllm_row(r, n_1)),
+            (f"vllm isolated+fast b{b8}", 6, 20, "target", lambda r: b.vllm_row(r, n_b, b8)),
+            (f"vllm isolated+fast b{b16}", 7, 30, "target", lambda r: b.vllm_row(r, n_b, b16)),
+        ]
     return [(name, order, est, role, lambda run=run, name=name: run(name))
             for name, order, est, role, run in rows]
 
@@ -324,7 +380,8 @@ def render(b: Bench, rows: dict[str, Row], peak: float) -> str:
         out.append(" | ".join([
             f"| {name}", str(r.videos), f"{r.counts.lm_tokens / n:,.0f}" if tflops else "-",
             f"{1 / per:.2f}",
-            f"{per * 1e3:,.0f}", *cells, f"{base / per:.1f}" if r.counts.lm_tokens else "-",
+            f"{per * 1e3:,.0f}", *cells,
+            f"{base / per:.1f}" if r.counts.lm_tokens or name.startswith("vllm") else "-",
             *flop_cells, r.kept + (f" ({r.note})" if r.note else "")]) + " |")
     return "\n".join(out) + "\n"
 
@@ -359,7 +416,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attn", default="sdpa", help="attention backend for the language model")
     ap.add_argument("--policies", default="policies/safewatch.yaml")
     ap.add_argument("--out", help="also write the table as markdown here")
+    ap.add_argument("--engine", default="transformers", choices=("transformers", "vllm"),
+                    help="vllm: compare our runner with vLLM's engine (needs vLLM)")
     args = ap.parse_args(argv)
+    if args.engine == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            print("--engine vllm: vLLM is not installed here (pip install vllm)",
+                  file=sys.stderr)
+            return 2
     if not args.small and not torch.cuda.is_available():
         print("no CUDA device: run on a GPU, or pass --small for the CPU dry run",
               file=sys.stderr)

@@ -74,7 +74,8 @@ class Verdict(_Schema):
                                     "time order; a category's score is its maximum over them.")
     model: str = Field(description="The model that judged (its directory or hub id).")
     policy_set: str = Field(description="Name of the policy set.")
-    layout: str = Field(description="Prompt layout: sequential, parallel or parallel_cached.")
+    layout: str = Field(description="Prompt layout: sequential, parallel, parallel_cached or "
+                        "isolated.")
     mode: Mode = Field(description="fast, explain or explain_flagged.")
     video: VideoSummary = Field(description="What was judged.")
     pruning: Pruning = Field(description="Policy-aware pruning of video tokens.")

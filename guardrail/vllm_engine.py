@@ -17,6 +17,7 @@ description line, then the block and the explanation line), as our runner decode
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Iterator
@@ -43,11 +44,37 @@ _SENTINEL = "\u2063GUARDRAIL_MESSAGE\u2063"
 
 
 @dataclass(frozen=True)
+class Media:
+    """A window's frames as vLLM takes them, with the key vLLM's caches file them under
+    (computed once per window, not hashed again by vLLM for each category's request)."""
+
+    frames: np.ndarray             # [T, H, W, 3] uint8
+    metadata: dict[str, Any]       # the real fps and frame indices (Qwen2.5-VL's time ids)
+    key: str
+
+    @classmethod
+    def of(cls, clip: Clip) -> Media:
+        meta = clip_metadata(clip)
+        metadata = {"fps": meta.fps, "frames_indices": list(meta.frames_indices),
+                    "total_num_frames": meta.total_num_frames, "duration": meta.duration,
+                    "height": meta.height, "width": meta.width, "do_sample_frames": False}
+        frames = np.ascontiguousarray(clip.frames)
+        digest = hashlib.blake2b(frames.data, digest_size=16)
+        digest.update(repr((frames.shape, sorted(metadata.items()))).encode())
+        return cls(frames, metadata, f"guardrail-{digest.hexdigest()}")
+
+
+@dataclass(frozen=True)
 class Request:
     """One prompt for vLLM: token ids (the video as one pad token) and the window's frames."""
 
     ids: list[int]
-    clip: Clip
+    media: Media
+
+    def prompt(self) -> dict:
+        return {"prompt_token_ids": self.ids,
+                "multi_modal_data": {"video": (self.media.frames, self.media.metadata)},
+                "multi_modal_uuids": {"video": [self.media.key]}}
 
 
 class VllmModel:
@@ -163,6 +190,7 @@ class VllmEngine(GuardEngine):
 
     def _requests(self, clip: Clip) -> tuple[list[Request], Request]:
         """One request per category (each ending in its probe) and the explain prompt."""
+        media = Media.of(clip)
         head: list[int] = []                           # every segment but the branches
         branches: list[list[int]] = []
         for kind, ids in self.tokens.ordered:
@@ -175,19 +203,11 @@ class VllmEngine(GuardEngine):
                 head += ids
         probes = self.tokens.probes
         if branches:                                   # isolated: S V P_i Q_i R_i
-            asks = [Request(head + b + p, clip) for b, p in zip(branches, probes, strict=True)]
+            asks = [Request(head + b + p, media)
+                    for b, p in zip(branches, probes, strict=True)]
         else:                                          # sequential: S V P_1..P_m Q R_i
-            asks = [Request(head + p, clip) for p in probes]
-        return asks, Request(head + self.tokens.lead, clip)
-
-    def _prompt(self, req: Request) -> dict:
-        meta = clip_metadata(req.clip)
-        video = {"fps": meta.fps, "frames_indices": list(meta.frames_indices),
-                 "total_num_frames": meta.total_num_frames, "duration": meta.duration,
-                 "height": meta.height, "width": meta.width, "do_sample_frames": False,
-                 "video_backend": "guardrail"}
-        frames = np.ascontiguousarray(req.clip.frames)
-        return {"prompt_token_ids": req.ids, "multi_modal_data": {"video": (frames, video)}}
+            asks = [Request(head + p, media) for p in probes]
+        return asks, Request(head + self.tokens.lead, media)
 
     # ------------------------------------------------------------------ scoring
 
@@ -204,7 +224,7 @@ class VllmEngine(GuardEngine):
             t0 = time.perf_counter()
             per_clip = [self._requests(c) for c in clips]
             asks = [r for rs, _ in per_clip for r in rs]
-            outs = self.adapter.llm.generate([self._prompt(r) for r in asks], params,
+            outs = self.adapter.llm.generate([r.prompt() for r in asks], params,
                                              use_tqdm=False)
             ms = (time.perf_counter() - t0) * 1e3 / len(clips)
             results = []
@@ -245,9 +265,9 @@ class VllmEngine(GuardEngine):
         enc, tok, budget = self.adapter.encode_text, self.adapter.tokenizer, \
             self.config.max_new_tokens
         stops = sorted(self._stop_ids())
-        first = [Request(r.ids + opener(enc), r.clip) for r in rows]
+        first = [Request(r.ids + opener(enc), r.media) for r in rows]
         lines = self._lines(first, [max(1, budget // 3)] * len(rows), stops, SamplingParams)
-        second = [Request(r.ids + kept + forced_block(enc, self.tokens.keys, f), r.clip)
+        second = [Request(r.ids + kept + forced_block(enc, self.tokens.keys, f), r.media)
                   for r, kept, f in zip(first, lines, flags, strict=True)]
         more = self._lines(second, [budget - len(kept) for kept in lines], stops, SamplingParams)
         ms = (time.perf_counter() - t0) * 1e3 / len(rows)
@@ -269,7 +289,7 @@ class VllmEngine(GuardEngine):
         params = [params_cls(max_tokens=b, temperature=0.0, stop=["\n"], stop_token_ids=stops,
                              include_stop_str_in_output=True, skip_special_tokens=False)
                   for b in budgets]
-        outs = self.adapter.llm.generate([self._prompt(r) for r in reqs], params, use_tqdm=False)
+        outs = self.adapter.llm.generate([r.prompt() for r in reqs], params, use_tqdm=False)
         tok, result = self.adapter.tokenizer, []
         for o in outs:
             kept = []

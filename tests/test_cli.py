@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -119,6 +120,34 @@ def test_check_table_and_usage_errors(tiny_dir, video_files):
     assert "Sexual Content" in res.stdout and "threshold" in res.stdout
     res = run("check", video_files["mp4_h264"], "--model", tiny_dir, "--layout", "diagonal")
     assert res.exit_code == 2 and "unknown layout" in res.stderr
+
+
+def test_check_engine_choices_are_usage_errors(tiny_dir, video_files):
+    """Unknown engines, layouts vLLM cannot run, malformed or misplaced vLLM settings, and a
+    missing vLLM: exit 2 with one line, before any model loads."""
+    clip = video_files["mp4_h264"]
+    cases = [(["--engine", "turbo"], "unknown engine 'turbo'"),
+             (["--engine", "vllm", "--layout", "parallel"], "sequential and isolated"),
+             (["--engine", "vllm", "--layout", "sequential", "--keep-ratio", "0.5"],
+              "engine transformers"),
+             (["--vllm-option", "max_model_len"], "expected KEY=VALUE"),
+             (["--vllm-option", "max_model_len=4096"], "vllm engine only")]
+    if importlib.util.find_spec("vllm") is None:
+        cases.append((["--engine", "vllm", "--layout", "isolated"], "pip install vllm"))
+    for extra, message in cases:
+        res = run("check", clip, "--model", tiny_dir, *extra)
+        assert res.exit_code == 2, (extra, res.output)
+        assert message in res.stderr and "Traceback" not in res.output, (extra, res.stderr)
+
+
+def test_vllm_settings_read_json_values():
+    from guardrail.console import vllm_settings
+
+    assert vllm_settings(None) is None
+    assert vllm_settings(["tensor_parallel_size=2", "enforce_eager=true", "dtype=bfloat16",
+                          "limit_mm_per_prompt={\"video\": 1}"]) == {
+        "tensor_parallel_size": 2, "enforce_eager": True, "dtype": "bfloat16",
+        "limit_mm_per_prompt": {"video": 1}}
 
 
 def test_check_missing_model_fails_fast(video_files, tmp_path):

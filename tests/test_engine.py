@@ -58,6 +58,13 @@ def test_order_invariance(engine, clip, layout):
         assert max(abs(got[k] - want[k]) for k in want) <= 1e-4
 
 
+def test_isolated_safewatch_style_is_order_invariant(engine, clip):
+    base = engine.with_config(layout="isolated", prompt_style="safewatch")
+    want = _scores(base, clip)
+    got = _scores(_reordered(base, [5, 4, 3, 2, 1, 0]), clip)
+    assert max(abs(got[k] - want[k]) for k in want) <= 1e-4
+
+
 def test_sequential_depends_on_order(engine, clip):
     base = engine.with_config(layout="sequential")
     want, got = _scores(base, clip), _scores(_reordered(base, [5, 4, 3, 2, 1, 0]), clip)

@@ -143,8 +143,8 @@ def test_prefix_is_computed_once_per_window(engines, clips):
     eng = theirs.with_config(layout="isolated")
     clip = load_video(clips["long"]).clips[0]
     asks, _ = eng._requests(clip)
-    outs = eng.adapter.llm.generate([eng._prompt(r) for r in asks[:1]], use_tqdm=False)
-    outs = eng.adapter.llm.generate([eng._prompt(r) for r in asks[1:]], use_tqdm=False)
+    eng.adapter.llm.generate([r.prompt() for r in asks[:1]], use_tqdm=False)
+    outs = eng.adapter.llm.generate([r.prompt() for r in asks[1:]], use_tqdm=False)
     assert all(o.num_cached_tokens > 0 for o in outs)
     assert torch.tensor([o.num_cached_tokens for o in outs]).min() >= 128   # >= one CPU block
 
@@ -189,3 +189,46 @@ def test_serve_with_engine_vllm_answers_both_apis(model, tmp_path, clips):
         assert r.status_code in (400, 415, 422) and "error" in r.json()
     finally:
         server.stop()
+
+
+def test_calibration_applies_alike(engines, clips, tmp_path):
+    """A calibration file moves both engines' scores the same way."""
+    import numpy as np
+
+    from guardrail.calibration import fit, save
+
+    ours, theirs = engines
+    ids = [c.id for c in ours.policies.categories]
+    rng = np.random.default_rng(0)
+    raw = rng.uniform(0.3, 0.7, size=(200, len(ids)))
+    cal = fit(raw, (rng.uniform(size=raw.shape) < 0.2).astype(int), ids, "platt")
+    save(cal, tmp_path / "cal.json")
+    a = type(ours)(ours.adapter, ours.policies, ours.config, calibration=cal)
+    b = type(theirs)(theirs.adapter, theirs.policies, theirs.config, calibration=cal)
+    va, vb = a.check(clips["short"]), b.check(clips["short"])
+    assert va.calibrated and vb.calibrated
+    assert [c.score for c in vb.categories] == pytest.approx([c.score for c in va.categories],
+                                                             abs=1e-4)
+    raw_b = [c.score for c in theirs.check(clips["short"]).categories]
+    assert max(abs(x - y) for x, y in zip(raw_b, [c.score for c in vb.categories],
+                                          strict=True)) > 1e-3
+
+
+def test_check_command_with_engine_vllm(model, engines, clips):
+    """`guardrail check --engine vllm --json` prints what the Python API gives."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from guardrail.cli import app
+
+    _, theirs = engines
+    opts = [f"--vllm-option={k}={json.dumps(v)}" for k, v in VLLM.items()]
+    res = CliRunner().invoke(app, ["check", str(clips["short"]), "--model", str(model),
+                                   "--engine", "vllm", "--layout", "isolated", "--json", *opts])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    want = theirs.with_config(layout="isolated").check(clips["short"])
+    assert got["layout"] == "isolated"
+    assert [c["score"] for c in got["categories"]] == pytest.approx(
+        [c.score for c in want.categories], abs=1e-6)
