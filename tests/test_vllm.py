@@ -149,48 +149,6 @@ def test_prefix_is_computed_once_per_window(engines, clips):
     assert torch.tensor([o.num_cached_tokens for o in outs]).min() >= 128   # >= one CPU block
 
 
-def test_serve_with_engine_vllm_answers_both_apis(model, tmp_path, clips):
-    """`guardrail serve` with deploy/serve-vllm.yaml (its vLLM settings swapped for CPU ones)
-    answers /v1/moderate and the OpenAI-style /v1/moderations from vLLM's engine."""
-    import base64
-    from pathlib import Path
-
-    import httpx
-    import openai
-    import yaml
-
-    from guardrail.serve.command import serve
-
-    cfg = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "serve-vllm.yaml").read_text())
-    args = cfg["applications"][0]["args"]
-    assert args["engine"] == "vllm" and args["layout"] == "isolated"
-    args["vllm"] = dict(VLLM, distributed_executor_backend="uni")
-    path = tmp_path / "serve-vllm.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    server = serve(str(model), config=path, port=0, backend="local", block=False,
-                   jobs_db=str(tmp_path / "jobs.sqlite"), ready_timeout_s=600)
-    try:
-        with clips["short"].open("rb") as f:
-            r = httpx.post(f"{server.url}/v1/moderate", files={"file": ("a.mp4", f)},
-                           timeout=300)
-        assert r.status_code == 200, r.text
-        verdict = r.json()
-        assert verdict["layout"] == "isolated" and len(verdict["categories"]) == 6
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
-                               timeout=300)
-        mp4 = base64.b64encode(clips["short"].read_bytes()).decode()
-        result = client.moderations.create(model="guardrail", input=[
-            {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{mp4}"}}])
-        scores = result.results[0].category_scores.model_extra
-        want = {c["name"]: c["score"] for c in verdict["categories"]}
-        assert scores == pytest.approx(want, abs=1e-6)
-        r = httpx.post(f"{server.url}/v1/moderate", files={"file": ("a.mp4", b"not a video")},
-                       timeout=60)
-        assert r.status_code in (400, 415, 422) and "error" in r.json()
-    finally:
-        server.stop()
-
-
 def test_calibration_applies_alike(engines, clips, tmp_path):
     """A calibration file moves both engines' scores the same way."""
     import numpy as np
@@ -215,20 +173,75 @@ def test_calibration_applies_alike(engines, clips, tmp_path):
 
 
 def test_check_command_with_engine_vllm(model, engines, clips):
-    """`guardrail check --engine vllm --json` prints what the Python API gives."""
+    """`guardrail check --engine vllm --json` in a process of its own prints what the Python
+    API gives. (Not in this process: a second vLLM engine here would tear down the globals of
+    the fixture's engine when it is freed.)"""
     import json
-
-    from typer.testing import CliRunner
-
-    from guardrail.cli import app
+    import subprocess
+    import sys
 
     _, theirs = engines
-    opts = [f"--vllm-option={k}={json.dumps(v)}" for k, v in VLLM.items()]
-    res = CliRunner().invoke(app, ["check", str(clips["short"]), "--model", str(model),
-                                   "--engine", "vllm", "--layout", "isolated", "--json", *opts])
-    assert res.exit_code == 0, res.output
-    got = json.loads(res.stdout.strip().splitlines()[-1])
     want = theirs.with_config(layout="isolated").check(clips["short"])
+    opts = [f"--vllm-option={k}={json.dumps(v)}" for k, v in VLLM.items()]
+    res = subprocess.run([sys.executable, "-m", "guardrail.cli", "check", str(clips["short"]),
+                          "--model", str(model), "--engine", "vllm", "--layout", "isolated",
+                          "--json", *opts], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["layout"] == "isolated"
     assert [c["score"] for c in got["categories"]] == pytest.approx(
         [c.score for c in want.categories], abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+def test_serve_with_engine_vllm_answers_both_apis(model, tmp_path, clips, backend):
+    """`guardrail serve` with deploy/serve-vllm.yaml (its vLLM settings swapped for CPU ones)
+    answers /v1/moderate and the OpenAI-style /v1/moderations from vLLM's engine, in process
+    (local) and in a Ray Serve model replica (ray). Last in the module: the in-process server's
+    vLLM engine, once freed, tears down vLLM's process-wide state under the fixture's engine."""
+    import base64
+    import socket
+    from pathlib import Path
+
+    import httpx
+    import openai
+    import yaml
+
+    from guardrail.serve.command import serve
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "serve-vllm.yaml").read_text())
+    args = cfg["applications"][0]["args"]
+    assert args["engine"] == "vllm" and args["layout"] == "isolated"
+    args["vllm"] = dict(VLLM, distributed_executor_backend="uni")
+    for dep in cfg["applications"][0]["deployments"]:     # a 2-CPU Ray
+        dep["ray_actor_options"]["num_cpus"] = 1 if dep["name"] == "GuardModel" else 0.5
+    path = tmp_path / "serve-vllm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    port = 0
+    if backend == "ray":              # Ray's proxy needs a real port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    server = serve(str(model), config=path, port=port, backend=backend, block=False,
+                   num_gpus=0 if backend == "ray" else None,
+                   jobs_db=str(tmp_path / "jobs.sqlite"), ready_timeout_s=600)
+    try:
+        with clips["short"].open("rb") as f:
+            r = httpx.post(f"{server.url}/v1/moderate", files={"file": ("a.mp4", f)},
+                           timeout=300)
+        assert r.status_code == 200, r.text
+        verdict = r.json()
+        assert verdict["layout"] == "isolated" and len(verdict["categories"]) == 6
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
+                               timeout=300)
+        mp4 = base64.b64encode(clips["short"].read_bytes()).decode()
+        result = client.moderations.create(model="guardrail", input=[
+            {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{mp4}"}}])
+        scores = result.results[0].category_scores.model_extra
+        want = {c["name"]: c["score"] for c in verdict["categories"]}
+        assert scores == pytest.approx(want, abs=1e-6)
+        r = httpx.post(f"{server.url}/v1/moderate", files={"file": ("a.mp4", b"not a video")},
+                       timeout=60)
+        assert r.status_code in (400, 415, 422) and "error" in r.json()
+    finally:
+        server.stop()
