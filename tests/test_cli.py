@@ -140,6 +140,12 @@ def test_check_engine_choices_are_usage_errors(tiny_dir, video_files):
         assert message in res.stderr and "Traceback" not in res.output, (extra, res.stderr)
 
 
+def test_check_engine_vllm_refuses_qwen3_vl(tiny_model, video_files):
+    res = run("check", video_files["mp4_h264"], "--model", tiny_model("qwen3_vl"), "--engine",
+              "vllm", "--layout", "isolated")
+    assert res.exit_code == 2 and "use --engine transformers" in res.stderr, res.output
+
+
 def test_vllm_settings_read_json_values():
     from guardrail.console import vllm_settings
 

@@ -97,8 +97,10 @@ def _visual(spec: MRope, kind: int, t: int, h: int, w: int, step: float) -> torc
     frames = torch.arange(t, dtype=torch.long, device=HOST)
     if spec.family == "qwen2_5_vl":
         step = step if kind == VIDEO else 0.0
-        # NOTE: as the reference and vLLM compute it: int64 indices times python floats in
-        # float32, (i * second_per_grid_t) * tokens_per_second, truncated after the multiply
+        # NOTE: as the original release computes it: int64 indices times a float32 interval,
+        # (i * second_per_grid_t) * tokens_per_second in float32, truncated after the multiply.
+        # vLLM 0.32 multiplies in float64 and can land one lower where the product is a whole
+        # number in exact arithmetic (24 fps, 8 of 80 frames: 0, 1, 3, 4 here 0, 1, 3, 5).
         time = (frames.to(torch.float32) * step * spec.tokens_per_second).long()
     elif spec.family == "qwen3_vl":
         time = torch.zeros(t, dtype=torch.long, device=HOST)

@@ -66,7 +66,8 @@ class EngineSpec:
                 "policy_fingerprint": self.policies.fingerprint(), "device": self.device,
                 "dtype": self.dtype, **options,
                 # the default engine is left out, so runs begun before engines existed resume
-                **({"engine": self.engine} if self.engine != "transformers" else {})}
+                **({"engine": self.engine} if self.engine != "transformers" else {}),
+                **({"vllm": dict(self.vllm)} if self.vllm else {})}
 
 
 @dataclass(frozen=True)
