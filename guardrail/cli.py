@@ -17,7 +17,12 @@ from rich.table import Table
 from guardrail.bench.command import bench_app
 from guardrail.console import (
     Engine_,
+    MaxFrames_,
+    MaxGap_,
+    MinShot_,
     ProgressBar,
+    SampleFps_,
+    Sampling_,
     VllmOption_,
     err,
     fail,
@@ -155,6 +160,7 @@ def policy_test(
         help="Another version of the set: list the examples whose verdict changes.")] = None,
     layout: Annotated[str, typer.Option(help=f"One of {', '.join(LAYOUTS)}.")] = "parallel",
     frames: Annotated[int, typer.Option(help="Frames per window.")] = 8,
+    sampling_mode: Sampling_ = "uniform",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:i]")] = "auto",
     engine_name: Engine_ = "transformers",
     vllm_option: VllmOption_ = None,
@@ -172,7 +178,8 @@ def policy_test(
     policies, data = load_policy(file), load_dataset(examples)
     old = load_policy(against) if against is not None else None
     engine = GuardEngine.from_pretrained(model, policies=policies, device=device, layout=layout,
-                                         sampling=SamplingConfig(num_frames=frames),
+                                         sampling=SamplingConfig(mode=sampling_mode,
+                                                                 num_frames=frames),
                                          engine=engine_name, vllm=vllm_settings(vllm_option))
     runs = len(data.videos()) * (2 if old is not None else 1)
     with ProgressBar(enabled=not as_json and sys.stderr.isatty()) as bar:
@@ -246,28 +253,40 @@ def _exact(text: str) -> None:
 @guarded
 def video_probe(
     video: Annotated[Path, typer.Argument(help="A video file.")],
-    frames: Annotated[int, typer.Option(help="Frames sampled per window (uniform).")] = 8,
+    frames: Annotated[int, typer.Option(help="Frames sampled per window.")] = 8,
     window: Annotated[float | None, typer.Option(help="Window length in seconds.")] = None,
+    sampling_mode: Sampling_ = "uniform",
+    sample_fps: SampleFps_ = 1.0,
+    max_frames: MaxFrames_ = None,
+    min_shot: MinShot_ = 0.5,
+    max_gap: MaxGap_ = 5.0,
     decoder: Annotated[str, typer.Option(help="auto | decord | pyav")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
 ):
-    """Show container, codec, duration, fps, size, and the sampled frames per window."""
-    from guardrail.video import SamplingConfig, plan_windows, probe
+    """Show container, codec, playback duration, fps, size, and the frames sampled per window
+    with their presentation times (coverage: also the shots found)."""
+    from guardrail.video import SamplingConfig, plan_video
 
     try:
-        info = probe(video, backend=decoder)
-        windows = plan_windows(info, SamplingConfig(num_frames=frames, window_s=window))
+        planned = plan_video(video, SamplingConfig(
+            mode=sampling_mode, num_frames=frames, window_s=window, fps=sample_fps,
+            max_frames=max_frames, min_shot_s=min_shot, max_gap_s=max_gap), backend=decoder)
     except VideoError as error:
         raise fail(error, str(video)) from None
+    info, windows = planned.info, [c.window for c in planned.clips]
     if as_json:
-        data = {"video": str(video), **info.__dict__,
+        data = {"video": str(video), **info.__dict__, "sampling": planned.sampling,
+                "shots": planned.shots, "warnings": list(planned.warnings),
                 "windows": [{"start_s": w.start_s, "end_s": w.end_s, "indices": list(w.indices),
                              "timestamps_s": list(w.timestamps_s)} for w in windows]}
         print(json.dumps(data))
         return
     out.print(f"[bold]{video}[/]: {info.container} / {info.codec}, {info.width}x{info.height}, "
               f"{info.duration_s:.2f} s at {info.fps:.2f} fps, {info.num_frames} frames, "
-              f"{info.num_bytes} bytes, decoder {info.backend}")
+              f"{info.num_bytes} bytes, decoder {info.backend}, sampling {planned.sampling}"
+              + (f", {planned.shots} shots" if planned.shots is not None else ""))
+    for warning in planned.warnings:
+        out.print(f"warning: {warning}", markup=False)
     table = Table("window", "start_s", "end_s", "frame indices", "timestamps (s)")
     for i, w in enumerate(windows):
         table.add_row(str(i), f"{w.start_s:.2f}", f"{w.end_s:.2f}",
@@ -333,6 +352,11 @@ def check(
     frames: Annotated[int, typer.Option(help="Frames per window.")] = 8,
     window: Annotated[float | None, typer.Option(
         help="Judge long videos in windows of this many seconds.")] = None,
+    sampling_mode: Sampling_ = "uniform",
+    sample_fps: SampleFps_ = 1.0,
+    max_frames: MaxFrames_ = None,
+    min_shot: MinShot_ = 0.5,
+    max_gap: MaxGap_ = 5.0,
     batch_size: Annotated[int, typer.Option(
         help="Windows judged together in one forward pass, over all the videos given.")] = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Bound on generated tokens.")] = 256,
@@ -352,7 +376,9 @@ def check(
     from guardrail.video import SamplingConfig, load_media
 
     quiet_transformers()
-    sampling = SamplingConfig(num_frames=frames, window_s=window)
+    sampling = SamplingConfig(mode=sampling_mode, num_frames=frames, window_s=window,
+                              fps=sample_fps, max_frames=max_frames, min_shot_s=min_shot,
+                              max_gap_s=max_gap)
     # one file goes by path, so `--calibration auto` finds the calibration file beside it
     policies = policy[0] if policy and len(policy) == 1 else (
         load_policies(policy) if policy else None)

@@ -153,3 +153,19 @@ def vllm_settings(pairs: list[str] | None) -> dict | None:
         except json.JSONDecodeError:
             out[key.strip()] = value
     return out
+
+
+# --sampling and its settings, shared by check, video probe, bench run and policy test
+Sampling_ = Annotated[str, typer.Option(
+    "--sampling", help="How frames are chosen, by presentation time: uniform (--frames per "
+    "window) | fps (--fps per second, at most --max-frames per window) | coverage (a pass over "
+    "every frame finds the shots; every shot of --min-shot s or more and no gap over --max-gap "
+    "s, at most --max-frames per video, in windows of --frames)")]
+MaxFrames_ = Annotated[int | None, typer.Option(
+    "--max-frames", help="fps: frames per window (default 32); coverage: frames per video "
+    "(default 256; past it the verdict warns that coverage was cut).")]
+MinShot_ = Annotated[float, typer.Option("--min-shot", help="coverage: shortest shot that "
+                                         "must get a judged frame, seconds.")]
+MaxGap_ = Annotated[float, typer.Option("--max-gap", help="coverage: longest time between "
+                                        "judged frames, seconds.")]
+SampleFps_ = Annotated[float, typer.Option("--fps", help="fps sampling: frames per second.")]

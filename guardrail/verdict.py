@@ -40,9 +40,13 @@ class Segment(_Schema):
 
 
 class VideoSummary(_Schema):
-    duration_s: float = Field(ge=0.0, description="Length of the video in seconds (1.0 for a "
-                              "still image).")
+    duration_s: float = Field(ge=0.0, description="Playback length in seconds, from the frames' "
+                              "presentation timestamps (1.0 for a still image).")
     frames_used: int = Field(ge=0, description="Frames the model saw, over all windows.")
+    sampling: str = Field("uniform", description="How the frames were chosen: uniform, fps, "
+                          "coverage (every shot found by a pass over the whole video), or image.")
+    shots: int | None = Field(None, description="coverage: shots the pass over the whole video "
+                              "found; null otherwise.")
 
 
 class Pruning(_Schema):
@@ -137,7 +141,8 @@ def build_verdict(policies: Any, thresholds: list[float], video: Any,
         explanation=text.explanation if text else None,
         segments=segments, model=model, policy_set=policies.name, layout=layout, mode=mode,
         video=VideoSummary(duration_s=video.info.duration_s,
-                           frames_used=sum(len(c.window.indices) for c in video.clips)),
+                           frames_used=sum(len(c.window.indices) for c in video.clips),
+                           sampling=video.sampling, shots=video.shots),
         pruning=Pruning(keep_ratio=keep_ratio, kept_tokens=sum(r.kept_tokens for r in results),
                         total_tokens=sum(r.total_tokens for r in results)),
         timing_ms=Timing(
@@ -146,7 +151,7 @@ def build_verdict(policies: Any, thresholds: list[float], video: Any,
             verdict=sum(r.verdict_ms for r in results),
             generate=generate_ms, total=total_ms),
         policy_version=policies.version, policy_hash=policies.content_hash,
-        calibrated=calibrated, warnings=list(warnings),
+        calibrated=calibrated, warnings=[*warnings, *video.warnings],
     )
 
 

@@ -8,6 +8,11 @@ import time
 import pytest
 
 from guardrail.engine import GuardEngine
+from guardrail.serve.settings import Sampling
+
+# The service samples by coverage by default; tests of other features judge a fixed number of
+# uniform frames (cheaper, and the frame counts they check stay put).
+UNIFORM = Sampling(mode="uniform")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import videos
 from typer.testing import CliRunner
 
 from guardrail.cli import app
@@ -156,6 +157,26 @@ def test_vllm_settings_read_json_values():
         "limit_mm_per_prompt": {"video": 1}}
 
 
+def test_probe_and_check_judge_a_variable_frame_rate_video_over_its_playback(tiny_dir,
+                                                                              tmp_path):
+    """300 green frames in 0.3 s, then red held to 50 minutes: probe and check report the
+    3,000 s of playback and sample it by presentation time (all 8 frames in the red part)."""
+    path = tmp_path / "vfr.mkv"
+    path.write_bytes(videos.green_then_red_for_50_minutes())
+    res = run("video", "probe", path, "--json")
+    assert res.exit_code == 0, res.output
+    probed = json.loads(res.stdout)
+    assert probed["duration_s"] == pytest.approx(3000.3, abs=0.05)
+    assert all(t > 0.3 for t in probed["windows"][0]["timestamps_s"])
+    res = run("video", "probe", path, "--json", "--sampling", "coverage")
+    assert json.loads(res.stdout)["shots"] == 2
+    res = run("check", path, "--model", tiny_dir, "--json", "--sampling", "coverage")
+    assert res.exit_code == 0, res.output
+    verdict = json.loads(res.stdout)
+    assert verdict["video"]["duration_s"] == pytest.approx(3000.3, abs=0.05)
+    assert verdict["video"]["sampling"] == "coverage" and verdict["video"]["shots"] == 2
+
+
 def test_check_missing_model_fails_fast(video_files, tmp_path):
     res = run("check", video_files["mp4_h264"], "--model", tmp_path / "nope")
     assert res.exit_code == 2
@@ -246,7 +267,6 @@ def test_policy_hash_follows_content_not_formatting(tmp_path):
 
 
 def test_check_accepts_a_still_image_as_a_one_frame_video(tmp_path, tiny_model, video_files):
-    import videos
 
     png = tmp_path / "still.png"
     png.write_bytes(videos.encode_png())

@@ -23,6 +23,7 @@ from guardrail.serve.settings import Jobs, Review, ServiceSettings
 from guardrail.video import Clip, Video, VideoInfo, Window
 
 engine, clip = serve_fixtures.engine, serve_fixtures.clip   # shared fixtures
+UNIFORM = serve_fixtures.UNIFORM
 
 # thresholds that make the tiny random model's verdicts certain: R1 always flagged, R2 never
 FLAG = """name: review-set
@@ -47,7 +48,8 @@ def _db(job_db):
 
 def app_for(tmp: Path, engine, *, keys=(), admins=(), workers=0, **review):
     jobs = Jobs(db_url=DB, spool_dir=str(tmp / "spool"), workers=workers, poll_s=0.05)
-    settings = ServiceSettings(host="127.0.0.1", frames=2, window_s=1.0, jobs=jobs,
+    settings = ServiceSettings(host="127.0.0.1", frames=2, window_s=1.0, sampling=UNIFORM,
+                               jobs=jobs,
                                review=Review(**review), api_keys=list(keys),
                                admin_keys=list(admins))
     return create_app(LocalJudge(engine), settings)

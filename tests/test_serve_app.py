@@ -40,10 +40,12 @@ categories:
 
 
 engine, clip = serve_fixtures.engine, serve_fixtures.clip   # shared fixtures
+UNIFORM = serve_fixtures.UNIFORM
 
 
 def settings(tmp: Path, **changes) -> ServiceSettings:
     base = {"host": "127.0.0.1", "frames": 2,  # 2 frames: the least Qwen2.5-VL takes
+            "sampling": UNIFORM,
             "jobs": Jobs(db_path=str(tmp / "jobs.sqlite"), workers=0)}
     return ServiceSettings(**{**base, **changes})
 
@@ -420,3 +422,25 @@ def test_a_full_server_refuses_before_reading_the_body(engine, tmp_path, clip):
         return sent["slow"]
 
     assert asyncio.run(run()) == 200                   # the slow one still succeeded
+
+
+def test_the_service_samples_by_coverage_over_playback_by_default(engine, tmp_path):
+    """Without settings, uploads are sampled by coverage over their playback: the variable
+    frame rate tricks are judged with their true duration, and a budget that cannot cover a
+    long video says so in the verdict's warnings."""
+    settings = ServiceSettings(host="127.0.0.1", frames=2,
+                               jobs=Jobs(db_path=str(tmp_path / "jobs.sqlite"), workers=0))
+    assert settings.sampling.mode == "coverage"
+    with TestClient(create_app(LocalJudge(engine), settings)) as c:
+        reply = upload(c, videos.green_then_red_for_50_minutes(), name="v.mkv",
+                       ctype="video/x-matroska")
+        assert reply.status_code == 200, reply.text
+        video = reply.json()["video"]
+        assert video["sampling"] == "coverage" and video["shots"] == 2
+        assert video["duration_s"] == pytest.approx(3000.3, abs=0.05)
+        assert reply.json()["segments"][-1]["end_s"] == pytest.approx(3000.3, abs=0.05)
+        hours = upload(c, videos.three_frames_over_hours(), name="h.mkv",
+                       ctype="video/x-matroska").json()
+        assert hours["video"]["duration_s"] == pytest.approx(14040.0, abs=0.05)
+        assert hours["video"]["frames_used"] == 64                 # the service's budget
+        assert any("coverage cut by the frame budget" in w for w in hours["warnings"])

@@ -21,6 +21,7 @@ from guardrail.serve.runner import job_request
 from guardrail.serve.settings import Jobs, ServiceSettings
 
 engine, clip = serve_fixtures.engine, serve_fixtures.clip   # shared fixtures
+UNIFORM = serve_fixtures.UNIFORM
 wait_for = serve_fixtures.wait_for
 
 
@@ -45,7 +46,8 @@ def store_for(tmp: Path) -> JobStore:
 
 
 def app_for(engine, tmp: Path, **job_changes):
-    settings = ServiceSettings(host="127.0.0.1", frames=2, jobs=jobs(tmp, **job_changes))
+    settings = ServiceSettings(host="127.0.0.1", frames=2, sampling=UNIFORM,
+                               jobs=jobs(tmp, **job_changes))
     return create_app(LocalJudge(engine), settings)
 
 
@@ -119,7 +121,8 @@ def test_bad_video_job_fails_with_typed_error(engine, tmp_path):
 def test_job_from_an_allow_listed_server_path(engine, tmp_path, clip):
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "v.mp4").write_bytes(clip)
-    settings = ServiceSettings(host="127.0.0.1", frames=2, allow_paths=[str(tmp_path / "in")],
+    settings = ServiceSettings(host="127.0.0.1", frames=2, sampling=UNIFORM,
+                               allow_paths=[str(tmp_path / "in")],
                                jobs=jobs(tmp_path))
     with TestClient(create_app(LocalJudge(engine), settings)) as c:
         ok = c.post("/v1/jobs", json={"video_url": f"file://{tmp_path}/in/v.mp4"})
@@ -293,7 +296,7 @@ def test_claims_are_exclusive_across_threads(tmp_path):
 
 
 def test_jobs_belong_to_the_key_that_created_them(engine, tmp_path, clip):
-    settings = ServiceSettings(host="127.0.0.1", frames=2, jobs=jobs(tmp_path),
+    settings = ServiceSettings(host="127.0.0.1", frames=2, sampling=UNIFORM, jobs=jobs(tmp_path),
                                api_keys=["alice", "bob"], admin_keys=["root"])
     with TestClient(create_app(LocalJudge(engine), settings)) as c:
         def as_(key):

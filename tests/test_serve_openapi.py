@@ -15,10 +15,11 @@ from guardrail.serve.judge import LocalJudge
 from guardrail.serve.settings import Jobs, Limits, Load, ServiceSettings
 
 engine, clip = serve_fixtures.engine, serve_fixtures.clip   # shared fixtures
+UNIFORM = serve_fixtures.UNIFORM
 
 
 def _app(engine, tmp_path, **changes):
-    base = dict(host="127.0.0.1", frames=2, api_keys=["k"],
+    base = dict(host="127.0.0.1", frames=2, sampling=UNIFORM, api_keys=["k"],
                 jobs=Jobs(db_path=str(tmp_path / "jobs.sqlite"), workers=0))
     return create_app(LocalJudge(engine), ServiceSettings(**{**base, **changes}))
 

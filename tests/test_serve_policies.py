@@ -24,10 +24,11 @@ ADMIN, USER = {"authorization": "Bearer root"}, {"authorization": "Bearer alice"
 
 
 engine, clip = serve_fixtures.engine, serve_fixtures.clip   # shared fixtures
+UNIFORM = serve_fixtures.UNIFORM
 
 
 def app_for(engine, tmp_path, job_db):
-    settings = ServiceSettings(host="127.0.0.1", frames=2, api_keys=["alice"],
+    settings = ServiceSettings(host="127.0.0.1", frames=2, sampling=UNIFORM, api_keys=["alice"],
                                admin_keys=["root"],
                                jobs=Jobs(db_url=job_db, spool_dir=str(tmp_path / "spool"),
                                          workers=0))

@@ -40,6 +40,7 @@ def write_config(tmp: Path, http: dict, app_name: str | None = None, **args) -> 
     cfg["http_options"] = http
     app = cfg["applications"][0]
     app["args"]["frames"] = 2
+    app["args"]["sampling"] = {"mode": "uniform"}       # frame counts the tests check
     app["args"]["batching"] = {"max_batch_size": 4, "batch_wait_timeout_s": 0.1}
     app["args"]["jobs"] = {"db_path": str(tmp / "jobs.sqlite"), "poll_s": 0.1}
     app["args"].update(args)

@@ -185,3 +185,51 @@ def bogus_sample_size(data: bytes, sample: int = 4, size: int = 0x660000) -> byt
     entries = out.index(b"stsz") + 16  # after type, version+flags, sample_size, sample_count
     out[entries + 4 * sample : entries + 4 * sample + 4] = size.to_bytes(4, "big")
     return bytes(out)
+
+
+def encode_timed(frames: list[tuple[float, tuple[int, int, int]]], fmt: str = "mkv_h264",
+                 width: int = WIDTH, height: int = HEIGHT) -> bytes:
+    """A variable-frame-rate video: one solid-colour frame per (presentation time in seconds,
+    RGB colour), timestamps in milliseconds. The last frame is shown for 1 s."""
+    container_fmt, codec, pix_fmt, suffix = FORMATS[fmt]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"vfr{suffix}"
+        with av.open(str(path), "w", format=container_fmt) as out:
+            stream = out.add_stream(codec, rate=1000, options=_CODEC_OPTIONS.get(codec, {}))
+            stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+            stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
+            for t, colour in frames:
+                pixels = np.empty((height, width, 3), np.uint8)
+                pixels[:] = colour
+                frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+                frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+                _mux_ms(out, stream.encode(frame))
+            _mux_ms(out, stream.encode())
+        return path.read_bytes()
+
+
+def _mux_ms(out, packets) -> None:
+    for packet in packets:     # the encoder's millisecond ticks, rescaled by the muxer
+        packet.time_base = Fraction(1, 1000)
+        out.mux(packet)
+
+
+GREEN, RED = (0, 200, 0), (200, 0, 0)
+
+
+def green_then_red_for_50_minutes(fmt: str = "mkv_h264") -> bytes:
+    """300 green frames in the first 0.3 s, then red frames every 10 minutes to 50 minutes:
+    by frame count almost all green; by playback 3,000 s of red."""
+    return encode_timed([(i / 1000, GREEN) for i in range(300)]
+                        + [(0.3 + 600 * k, RED) for k in range(6)], fmt)
+
+
+def three_frames_over_hours(fmt: str = "mkv_h264") -> bytes:
+    """Three frames whose timestamps span 3 h 54 min (14,040 s)."""
+    return encode_timed([(0.0, GREEN), (7020.0, RED), (14040.0, RED)], fmt)
+
+
+def colour_of(frame: np.ndarray) -> str:
+    """"green", "red" or "other" for a decoded solid frame."""
+    r, g, b = frame.reshape(-1, 3).mean(axis=0)
+    return "green" if g > 120 > r else "red" if r > 120 > g else "other"

@@ -14,7 +14,9 @@ from rich.table import Table
 
 from guardrail.console import (
     Engine_,
+    MaxFrames_,
     ProgressBar,
+    Sampling_,
     VllmOption_,
     err,
     guarded,
@@ -46,6 +48,8 @@ def bench_run(
     keep_ratio: Annotated[float | None, typer.Option(help="Visual token keep ratio.")] = None,
     frames: Annotated[int, typer.Option(help="Frames per window.")] = 8,
     window: Annotated[float | None, typer.Option(help="Window length in seconds.")] = None,
+    sampling_mode: Sampling_ = "uniform",
+    max_frames: MaxFrames_ = None,
     max_new_tokens: Annotated[int, typer.Option(help="Bound on generated tokens.")] = 256,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:i]")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16")] = "auto",
@@ -76,7 +80,8 @@ def bench_run(
     data = load_dataset(dataset).limit(limit)
     pset = load_policies(policy or [DEFAULT_POLICY])
     options = [("layout", layout), ("mode", mode), ("max_new_tokens", max_new_tokens),
-               ("sampling", SamplingConfig(num_frames=frames, window_s=window)),
+               ("sampling", SamplingConfig(mode=sampling_mode, num_frames=frames,
+                                           window_s=window, max_frames=max_frames)),
                ("decoder", decoder)]
     if keep_ratio is not None:
         options.append(("keep_ratio", keep_ratio))

@@ -163,7 +163,8 @@ class Sources:
             data = media.data if media.data is not None else _read(media.path, limits.max_bytes)
             return image_as_video(data, limits)
         source = media.data if media.data is not None else media.path
-        return load_video(source, self.settings.sampling(frames), limits, self.settings.decoder)
+        return load_video(source, self.settings.sampling_config(frames), limits,
+                          self.settings.decoder)
 
 
 def _read(path: str | None, limit: int) -> bytes:

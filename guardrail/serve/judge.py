@@ -171,7 +171,7 @@ def load_engine(settings: ServiceSettings) -> GuardEngine:
         dtype=settings.dtype, attn=settings.attn, layout=settings.layout, mode=settings.mode,
         max_new_tokens=settings.max_new_tokens, keep_ratio=settings.keep_ratio,
         pruning_mode=settings.pruning_mode, batch_size=settings.batch_size,
-        sampling=settings.sampling(), limits=settings.limits.video_limits(),
+        sampling=settings.sampling_config(), limits=settings.limits.video_limits(),
         decoder=settings.decoder, engine=settings.engine, vllm=settings.vllm or None)
 
 

@@ -48,6 +48,23 @@ class Limits(_Settings):
         return self.max_upload_bytes * 4 // 3 + (4 << 20)
 
 
+class Sampling(_Settings):
+    mode: Literal["uniform", "fps", "coverage"] = Field(
+        "coverage", description="How frames are chosen, by presentation time. coverage (the "
+        "default: uploaders time content to fall between uniformly sampled frames): a pass "
+        "over every frame finds the shots, every shot of min_shot_s or more gets a judged "
+        "frame and no gap between judged frames exceeds max_gap_s; uniform: `frames` per "
+        "window; fps: `fps` per second.")
+    fps: float = Field(1.0, gt=0, description="fps mode: frames per second.")
+    max_frames: int | None = Field(64, ge=1, description="coverage: frames judged per video "
+                                   "(past it the verdict warns that coverage was cut); fps: "
+                                   "per window.")
+    min_shot_s: float = Field(0.5, gt=0, description="coverage: shortest shot that must get a "
+                              "judged frame.")
+    max_gap_s: float = Field(5.0, gt=0, description="coverage: longest time between judged "
+                             "frames.")
+
+
 class Batching(_Settings):
     max_batch_size: int = Field(4, ge=1, description="Videos per engine.check_batch call.")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="Wait to fill a batch.")
@@ -134,6 +151,7 @@ class ServiceSettings(_Settings):
     layout: str = "parallel"
     mode: str = "fast"
     frames: int = Field(8, ge=1, description="Frames per window unless a request says.")
+    sampling: Sampling = Field(default_factory=Sampling)
     window_s: float | None = Field(None, gt=0, description="Judge long videos in windows.")
     max_new_tokens: int = Field(256, ge=1)
     keep_ratio: float = Field(1.0, gt=0, le=1, description="PVTP share of video tokens kept.")
@@ -169,8 +187,11 @@ class ServiceSettings(_Settings):
             raise ValueError("frames is over limits.max_frames")
         return self
 
-    def sampling(self, frames: int | None = None) -> SamplingConfig:
-        return SamplingConfig(num_frames=frames or self.frames, window_s=self.window_s)
+    def sampling_config(self, frames: int | None = None) -> SamplingConfig:
+        s = self.sampling
+        return SamplingConfig(mode=s.mode, num_frames=frames or self.frames,
+                              window_s=self.window_s, fps=s.fps, max_frames=s.max_frames,
+                              min_shot_s=s.min_shot_s, max_gap_s=s.max_gap_s)
 
     def keys(self) -> frozenset[str]:
         """Every accepted key: API and admin keys from the settings and from $GUARDRAIL_API_KEYS

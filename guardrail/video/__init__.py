@@ -15,12 +15,13 @@ deadline, one-line errors), `validate` (the header PyAV checked), `sampling` (`p
 from __future__ import annotations
 
 from guardrail.video.decoders import DECODERS, DecordDecoder, FrameDecoder, PyAVDecoder
-from guardrail.video.loader import image_as_video, load_media, load_video, probe
+from guardrail.video.loader import image_as_video, load_media, load_video, plan_video, probe
 from guardrail.video.sampling import plan_windows
 from guardrail.video.source import VideoTimeoutError
 from guardrail.video.source import _Deadline as _Deadline  # for tests
 from guardrail.video.source import _resolve as _resolve  # for tests
 from guardrail.video.types import (
+    SAMPLING_MODES,
     Clip,
     SamplingConfig,
     Video,
@@ -32,6 +33,7 @@ from guardrail.video.types import (
 
 __all__ = [
     "DECODERS",
+    "SAMPLING_MODES",
     "Clip",
     "DecordDecoder",
     "FrameDecoder",
@@ -46,6 +48,7 @@ __all__ = [
     "image_as_video",
     "load_media",
     "load_video",
+    "plan_video",
     "plan_windows",
     "probe",
 ]

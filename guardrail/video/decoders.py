@@ -18,6 +18,7 @@ import numpy as np
 
 from guardrail.errors import VideoError
 from guardrail.video.source import _Deadline, _one_line, _Source
+from guardrail.video.timeline import Timeline
 from guardrail.video.types import VideoInfo, _require
 from guardrail.video.validate import _decode, _open_container, _video_stream
 
@@ -28,7 +29,8 @@ class FrameDecoder(Protocol):
     name: ClassVar[str]
     num_frames: int  # frames the decoder indexed in the stream (0: it cannot tell)
 
-    def __init__(self, source: _Source, info: VideoInfo, deadline: _Deadline) -> None: ...
+    def __init__(self, source: _Source, info: VideoInfo, deadline: _Deadline,
+                 timeline: Timeline) -> None: ...
 
     @staticmethod
     def available() -> bool: ...
@@ -52,7 +54,8 @@ class DecordDecoder:
 
     name: ClassVar[str] = "decord"
 
-    def __init__(self, source: _Source, info: VideoInfo, deadline: _Deadline) -> None:
+    def __init__(self, source: _Source, info: VideoInfo, deadline: _Deadline,
+                 timeline: Timeline) -> None:
         import decord  # noqa: F401 - imported here once, so that forked children have it
 
         self._deadline = deadline
@@ -63,6 +66,10 @@ class DecordDecoder:
         self._worker.start()
         child.close()
         self.num_frames = self._reply("opening the video")
+        if timeline.num_frames and self.num_frames != timeline.num_frames:
+            self.close()      # its indices would not be the timeline's frames
+            raise VideoError(f"decord counts {self.num_frames} frames, the stream's packets "
+                             f"{timeline.num_frames}")
 
     @staticmethod
     def available() -> bool:
@@ -116,15 +123,17 @@ def _decord_worker(conn: Connection, parent_end: Connection, source: _Source) ->
 
 
 class PyAVDecoder:
-    """PyAV (FFmpeg): a frame's index is its rank among the stream's packet timestamps, as in
-    decord; jumps seek to the nearest keyframe. Streams without timestamps decode sequentially."""
+    """PyAV (FFmpeg): a frame's index is its rank among the stream's packet timestamps (the
+    timeline's order, as in decord); jumps seek to the nearest keyframe. Streams without
+    timestamps decode sequentially."""
 
     name: ClassVar[str] = "pyav"
 
-    def __init__(self, source: _Source, info: VideoInfo, deadline: _Deadline) -> None:
+    def __init__(self, source: _Source, info: VideoInfo, deadline: _Deadline,
+                 timeline: Timeline) -> None:
         self._source, self._info, self._deadline = source, info, deadline
         # [F] sorted packet pts, ranks of keyframes among them, whether packets carry pts at all
-        self._pts, self._keys, self._timed = _packet_index(source, deadline)
+        self._pts, self._keys, self._timed = timeline.pts, timeline.keyframes, timeline.timed
         self.num_frames = len(self._pts)
         self._container: av.container.InputContainer | None = None
         self._frames: Iterator[av.VideoFrame] = iter(())
@@ -180,26 +189,29 @@ class PyAVDecoder:
         return int(np.searchsorted(self._pts, frame.pts))
 
 
-def _packet_index(src: _Source, deadline: _Deadline) -> tuple[np.ndarray, list[int], bool]:
-    """Sorted pts of the video packets ([F] int64), the ranks of keyframes among them, and
-    whether every packet had a pts (if not: pts = 0..F-1 and the only keyframe is 0)."""
+def thumbnails(src: _Source, timeline: Timeline, deadline: _Deadline,
+               size: tuple[int, int] = (32, 18)) -> np.ndarray:
+    """[F, h, w, 3] uint8: every frame of the video, tiny (the coverage pass). One sequential
+    decode; a frame that does not decode keeps the thumbnail before it."""
+    width, height = size
+    out = np.zeros((timeline.num_frames, height, width, 3), np.uint8)
     container = _open_container(src, deadline)
-    pts, keys = [], []
     try:
-        for packet in container.demux(_video_stream(container)):
-            deadline.check("indexing the video")
-            if packet.size > 0:
-                pts.append(packet.pts)
-                keys.append(packet.is_keyframe)
-    except av.FFmpegError:
-        pass  # a truncated file: index the packets read so far
+        stream = _video_stream(container)
+        stream.thread_type = "AUTO"
+        pos = -1
+        for frame in _decode(container, stream, deadline):
+            i = (pos + 1 if not timeline.timed or frame.pts is None
+                 else int(np.searchsorted(timeline.pts, frame.pts)))
+            if 0 <= i < len(out):
+                out[pos + 1: i] = out[pos] if pos >= 0 else 0     # frames that did not decode
+                out[i] = frame.to_ndarray(format="rgb24", width=width, height=height)
+                pos = max(pos, i)
     finally:
         container.close()
-    if any(p is None for p in pts):
-        return np.arange(len(pts)), [0], False
-    order = np.argsort(pts, kind="stable")
-    key_ranks = [0] + [r for r, p in enumerate(order.tolist()) if keys[p] and r > 0]
-    return np.asarray(pts, np.int64)[order], key_ranks, True
+    if 0 <= pos < len(out) - 1:
+        out[pos + 1:] = out[pos]
+    return out
 
 
 DECODERS: dict[str, type[FrameDecoder]] = {"decord": DecordDecoder, "pyav": PyAVDecoder}

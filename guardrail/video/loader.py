@@ -13,8 +13,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from guardrail.errors import UnsupportedVideoError, VideoError, VideoTooLargeError
-from guardrail.video.decoders import DECODERS, FrameDecoder, _backends
-from guardrail.video.sampling import plan_windows
+from guardrail.video.decoders import DECODERS, FrameDecoder, _backends, thumbnails
+from guardrail.video.sampling import cfr_times, coverage_windows, plan_windows
+from guardrail.video.shots import find_shots, plan_coverage
 from guardrail.video.source import (
     VideoTimeoutError,
     _Deadline,
@@ -23,6 +24,7 @@ from guardrail.video.source import (
     _Source,
     _translate,
 )
+from guardrail.video.timeline import Timeline, read_timeline
 from guardrail.video.types import (
     Clip,
     SamplingConfig,
@@ -50,6 +52,14 @@ def load_video(source: VideoSource, sampling: SamplingConfig = _DEFAULT_SAMPLING
     """Decode the frames `sampling` picks in each window. `auto` tries decord, then PyAV if
     decord cannot open or decode the video. Frames shared by overlapping windows decode once."""
     return _load(source, sampling, limits, backend)
+
+
+def plan_video(source: VideoSource, sampling: SamplingConfig = _DEFAULT_SAMPLING,
+               limits: VideoLimits = _DEFAULT_LIMITS, backend: str = "auto") -> Video:
+    """What `load_video` would judge, without decoding the judged frames: the windows, the
+    frames and times sampled in each (clips hold no pixels), shots and warnings. Coverage
+    sampling still makes its pass over every frame."""
+    return _load(source, sampling, limits, backend, read=False)
 
 
 def load_media(path: str | os.PathLike, sampling: SamplingConfig = _DEFAULT_SAMPLING,
@@ -83,18 +93,20 @@ def image_as_video(image: np.ndarray | bytes, limits: VideoLimits = _DEFAULT_LIM
     _check_size(width, height, limits)
     info = VideoInfo("image", codec, 1.0, 1.0, width, height, 1, num_bytes, "image")
     window = Window(0.0, 1.0, (0,), (0.0,))
-    return Video(info, (Clip(window, frame[None], 1.0),))
+    return Video(info, (Clip(window, frame[None], 1.0),), sampling="image")
 
 
 def _load(source: VideoSource, sampling: SamplingConfig | None, limits: VideoLimits,
-          backend: str) -> Video:
+          backend: str, read: bool = True) -> Video:
     names = _backends(backend)
     deadline = _Deadline(limits.timeout_s)
     src = _resolve(source, limits)
     header = _probe_header(src, limits, deadline)
+    timeline = read_timeline(src, deadline, header.fps, header.duration_s)
     for name in names:
         try:
-            return _decode_with(DECODERS[name], src, header, sampling, limits, deadline)
+            return _decode_with(DECODERS[name], src, header, timeline, sampling, limits,
+                                deadline, read)
         except (VideoTimeoutError, VideoTooLargeError):
             raise
         except VideoError:
@@ -104,32 +116,49 @@ def _load(source: VideoSource, sampling: SamplingConfig | None, limits: VideoLim
 
 
 def _decode_with(decoder_cls: type[FrameDecoder], src: _Source, header: VideoInfo,
-                 sampling: SamplingConfig | None, limits: VideoLimits, deadline: _Deadline
-                 ) -> Video:
-    """Open `src` with one decoder, settle the frame count, decode what `sampling` picks."""
+                 timeline: Timeline, sampling: SamplingConfig | None, limits: VideoLimits,
+                 deadline: _Deadline, read: bool = True) -> Video:
+    """Open `src` with one decoder, settle frame count and duration, decode what `sampling`
+    picks (for coverage, after a pass over every frame that finds the shots)."""
     with _translate(f"{decoder_cls.name} could not decode the video"):
-        decoder = decoder_cls(src, header, deadline)
+        decoder = decoder_cls(src, header, deadline, timeline)
         try:
-            info = _settle(header, decoder.num_frames, decoder_cls.name)
+            info = _settle(header, timeline, decoder.num_frames, decoder_cls.name)
             _require(info.num_frames > 0, "no video frames", VideoError)
             _check_limits(info, limits)
             if sampling is None:
-                return Video(info, ())
-            windows = plan_windows(info, sampling)
+                return Video(info, (), warnings=timeline.warnings)
+            times = timeline.times_s if timeline.num_frames == info.num_frames else cfr_times(
+                info)
+            shots, warnings = None, timeline.warnings
+            if sampling.mode == "coverage":
+                found = find_shots(thumbnails(src, timeline, deadline), times, info.duration_s)
+                plan = plan_coverage(found, info.duration_s, sampling.min_shot_s,
+                                     sampling.max_gap_s, sampling.frame_budget)
+                windows = coverage_windows(times, plan.times_s, info.duration_s,
+                                           sampling.num_frames)
+                shots, warnings = len(found), (*warnings, *plan.warnings)
+            else:
+                windows = plan_windows(info, sampling, times)
             wanted = sorted({i for window in windows for i in window.indices})
-            frames = decoder.read(wanted)  # [len(wanted), H, W, 3]
+            frames = (decoder.read(wanted) if read else    # [len(wanted), H, W, 3]
+                      np.zeros((len(wanted), 0, 0, 3), np.uint8))
             deadline.check("decoding")
         finally:
             decoder.close()
     row = {index: r for r, index in enumerate(wanted)}
     clips = tuple(Clip(w, frames[[row[i] for i in w.indices]], info.fps) for w in windows)
-    return Video(info, clips)
+    return Video(info, clips, sampling.mode, shots, warnings)
 
 
-def _settle(header: VideoInfo, counted: int, backend: str) -> VideoInfo:
-    """The header's metadata with the frame count the decoder found (if any); a duration that
-    disagrees with the count lied too and is recomputed from it."""
-    num_frames, duration = counted or header.num_frames, header.duration_s
+def _settle(header: VideoInfo, timeline: Timeline, counted: int, backend: str) -> VideoInfo:
+    """The header's metadata with the frames the stream really has: the timeline's count and
+    playback duration where its packets carry timestamps; otherwise the decoder's count, and a
+    header duration that disagrees with it recomputed from it."""
+    if timeline.timed and timeline.num_frames:
+        return replace(header, num_frames=timeline.num_frames, duration_s=timeline.end_s,
+                       backend=backend)
+    num_frames, duration = counted or timeline.num_frames or header.num_frames, header.duration_s
     if not (duration and _agree(num_frames, duration, header.fps)):
         duration = num_frames / header.fps
     return replace(header, num_frames=num_frames, duration_s=duration, backend=backend)

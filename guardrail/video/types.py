@@ -33,26 +33,41 @@ class VideoLimits:
             _require(getattr(self, name) > 0, f"video limit {name} must be positive")
 
 
+SAMPLING_MODES = ("uniform", "fps", "coverage")
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Which frames the model sees. Both modes take the middle frame of n equal segments of a
-    window; `uniform` fixes n, `fps` derives it from the window length (capped at max_frames)."""
+    """Which frames the model sees, chosen by presentation time. `uniform` and `fps` take the
+    frame on screen at the middle of each of n equal time segments of a window; `uniform` fixes
+    n, `fps` derives it from the window length (capped at max_frames per window). `coverage`
+    first finds the shots of the whole video, then judges a frame of every shot of at least
+    `min_shot_s` with no gap over `max_gap_s` between judged frames, within max_frames per
+    video, in windows of num_frames frames."""
 
-    mode: str = "uniform"  # "uniform" | "fps"
-    num_frames: int = 8  # uniform: exactly this many per window (indices repeat if too few)
+    mode: str = "uniform"  # "uniform" | "fps" | "coverage"
+    num_frames: int = 8  # uniform: exactly this many per window (frames repeat if too few);
+    #                      coverage: at most this many per window
     fps: float = 1.0  # fps mode: frames per second of video ...
-    max_frames: int = 32  # ... at most this many per window, and never more than it has
+    max_frames: int | None = None  # fps: per window (default 32); coverage: per video (256)
     window_s: float | None = None  # window length; None = the whole video is one window
     stride_s: float | None = None  # window start-to-start distance; None = window_s
+    min_shot_s: float = 0.5  # coverage: every shot this long gets a judged frame
+    max_gap_s: float = 5.0  # coverage: longest time between judged frames
 
     def __post_init__(self) -> None:
-        _require(self.mode in ("uniform", "fps"), f"sampling mode must be 'uniform' or 'fps', "
-                 f"not {self.mode!r}")
+        _require(self.mode in SAMPLING_MODES, f"sampling mode must be one of "
+                 f"{', '.join(SAMPLING_MODES)}, not {self.mode!r}")
         _require(isinstance(self.num_frames, int) and self.num_frames >= 1,
                  "sampling num_frames must be a whole number, at least 1")
         _require(math.isfinite(self.fps) and self.fps > 0, "sampling fps must be positive")
-        _require(isinstance(self.max_frames, int) and self.max_frames >= 1,
+        _require(self.max_frames is None or (isinstance(self.max_frames, int)
+                                             and self.max_frames >= 1),
                  "sampling max_frames must be a whole number, at least 1")
+        for name in ("min_shot_s", "max_gap_s"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value > 0,
+                     f"sampling {name} must be a positive number of seconds")
         for name in ("window_s", "stride_s"):
             value = getattr(self, name)
             _require(value is None or (math.isfinite(value) and value > 0),
@@ -60,12 +75,19 @@ class SamplingConfig:
         _require(self.stride_s is None or self.window_s is not None,
                  "sampling stride_s needs window_s")
 
+    @property
+    def frame_budget(self) -> int:
+        """max_frames, or its default for the mode (fps: per window; coverage: per video)."""
+        if self.max_frames is not None:
+            return self.max_frames
+        return 256 if self.mode == "coverage" else 32
+
 
 @dataclass(frozen=True)
 class VideoInfo:
     container: str  # FFmpeg demuxer name, as ffprobe's format_name ("mov,mp4,m4a,3gp,3g2,mj2")
     codec: str
-    duration_s: float
+    duration_s: float  # playback: from the frames' presentation timestamps where they have them
     fps: float  # average frame rate
     width: int
     height: int
@@ -78,8 +100,8 @@ class VideoInfo:
 class Window:
     start_s: float
     end_s: float
-    indices: tuple[int, ...]  # frame indices into the source video, ascending
-    timestamps_s: tuple[float, ...]  # index / fps: seconds from the first frame
+    indices: tuple[int, ...]  # frame indices (presentation order), ascending, may repeat
+    timestamps_s: tuple[float, ...]  # when each was sampled: seconds of playback
 
 
 @dataclass(frozen=True)
@@ -95,3 +117,6 @@ class Clip:
 class Video:
     info: VideoInfo
     clips: tuple[Clip, ...]  # one per window, in time order
+    sampling: str = "uniform"  # the mode that chose the frames ("image" for a still image)
+    shots: int | None = None  # coverage: shots the pass over the whole video found
+    warnings: tuple[str, ...] = ()  # untrustworthy timestamps, coverage cut by the budget

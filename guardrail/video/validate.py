@@ -42,7 +42,9 @@ def _probe_header(src: _Source, limits: VideoLimits, deadline: _Deadline) -> Vid
                              stream.codec_context.width, stream.codec_context.height,
                              declared if trusted else round(duration * fps), src.num_bytes,
                              "pyav")
-            _check_limits(info, limits)
+            # a count derived from duration * rate means nothing for a variable-rate stream: the
+            # frames are counted from the packets later (video.timeline)
+            _check_limits(replace(info, num_frames=declared if trusted else 0), limits)
             first = next(_decode(container, stream, deadline), None)
             _require(first is not None, "no decodable video frames", VideoError)
             _check_size(first.width, first.height, limits)  # the header may have lied
