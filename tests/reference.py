@@ -81,11 +81,12 @@ class Reference:
         start = getattr(p, "vision_start_token", "<|vision_start|>")
         end = getattr(p, "vision_end_token", "<|vision_end|>")
         video = f"{start}{p.video_token}{end}"
-        win = clip.window
+        win = clip.window        # the sampled presentation times, in milliseconds
         meta = VideoMetadata(
-            total_num_frames=max(len(win.indices), round((win.end_s - win.start_s) * clip.fps)),
-            fps=clip.fps, height=clip.frames.shape[1], width=clip.frames.shape[2],
-            duration=win.end_s - win.start_s, frames_indices=list(win.indices))
+            total_num_frames=max(len(win.indices), round((win.end_s - win.start_s) * 1000)),
+            fps=1000.0, height=clip.frames.shape[1], width=clip.frames.shape[2],
+            duration=win.end_s - win.start_s,
+            frames_indices=[round(t * 1000) for t in win.timestamps_s])
         out = p(text=[text.replace(VIDEO, video)], videos=[clip.frames], video_metadata=[meta],
                 do_sample_frames=False, return_tensors="pt")
         fps = len(meta.frames_indices) / meta.total_num_frames * meta.fps

@@ -12,20 +12,31 @@ from hypothesis import strategies as st
 
 from guardrail.video import SamplingConfig, load_video, plan_video
 from guardrail.video.sampling import coverage_windows
-from guardrail.video.shots import Shot, find_shots, plan_coverage
+from guardrail.video.shots import Shot, centred, change, find_shots, plan_coverage
 
 FPS = 24.0
 
 
-def _thumbs(shot_lengths: list[int], seed: int) -> np.ndarray:
-    """Per-frame 8x8 thumbnails: each shot its own random colour with a little noise."""
+def _changes(shot_lengths: list[int], seed: int, flicker: int = 0) -> np.ndarray:
+    """Changes between 18x32 thumbnails of shots of the given frame counts: each shot a random
+    two-tone picture (its split and colours far from the previous shot's), a little noise,
+    and optionally global brightness flicker of +-`flicker` every frame."""
     rng = np.random.default_rng(seed)
-    out = []
+    thumbs, last = [], None
     for n in shot_lengths:
-        colour = rng.integers(0, 256, 3)
-        noise = rng.integers(-4, 5, (n, 8, 8, 3))
-        out.append(np.clip(colour + noise, 0, 255).astype(np.uint8))
-    return np.concatenate(out)
+        while True:
+            a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+            if last is None or min(np.abs(a - last[0]).max(), np.abs(b - last[1]).max()) > 60:
+                break
+        last = (a, b)
+        split = int(rng.integers(4, 28))
+        base = np.empty((18, 32, 3), int)
+        base[:, :split], base[:, split:] = a, b
+        for _ in range(n):
+            noise = rng.integers(-3, 4, base.shape)
+            thumbs.append(base + noise + flicker * (1 if len(thumbs) % 2 else -1))
+    frames = [centred(np.clip(t, 0, 255).astype(np.uint8)) for t in thumbs]
+    return np.array([change(p, c) for p, c in zip(frames[:-1], frames[1:], strict=True)])
 
 
 @settings(max_examples=150, deadline=None)
@@ -37,10 +48,9 @@ def test_every_long_enough_shot_is_judged_and_no_gap_is_too_long(lengths, seed, 
     """Shots of random lengths at random places (frame counts at 24 fps): with a budget that
     fits, every shot of at least min_shot_s gets a judged time inside it, and no gap from the
     start, between judged times or to the end exceeds max_gap_s."""
-    thumbs = _thumbs(lengths, seed)
-    times = np.arange(len(thumbs)) / FPS
-    end = len(thumbs) / FPS
-    shots = find_shots(thumbs, times, end)
+    changes = _changes(lengths, seed)
+    end = (len(changes) + 1) / FPS
+    shots = find_shots(changes, np.arange(len(changes) + 1) / FPS, end)
     plan = plan_coverage(shots, end, min_shot, max_gap, max_frames=10_000)
     assert plan.warnings == ()
     starts = np.cumsum([0, *lengths]) / FPS
@@ -50,6 +60,23 @@ def test_every_long_enough_shot_is_judged_and_no_gap_is_too_long(lengths, seed, 
     edges = [0.0, *plan.times_s, end]
     assert max(y - x for x, y in zip(edges[:-1], edges[1:], strict=True)) <= max_gap + 1e-9
     assert list(plan.times_s) == sorted(plan.times_s) and all(0 <= t < end for t in plan.times_s)
+
+
+def test_brightness_flicker_does_not_hide_cuts():
+    """+-15 brightness every frame (which would put the median change above any cut) leaves
+    the four shots found."""
+    changes = _changes([48, 96, 24, 72], seed=3, flicker=15)
+    shots = find_shots(changes, np.arange(len(changes) + 1) / FPS, 240 / FPS)
+    assert [round(s.length_s * FPS) for s in shots] == [48, 96, 24, 72]
+
+
+def test_over_budget_the_shots_come_before_the_gaps():
+    """A long still, a 4 s shot, a long still: with a budget far below the gap frames the
+    short shot is still judged."""
+    shots = (Shot(0.0, 3600.0), Shot(3600.0, 3604.0), Shot(3604.0, 7200.0))
+    plan = plan_coverage(shots, 7200.0, 0.5, 5.0, max_frames=64)
+    assert len(plan.times_s) <= 64 and any(3600 <= t < 3604 for t in plan.times_s)
+    assert plan.warnings and "3 of 3 such shots judged" in plan.warnings[0]
 
 
 def test_the_budget_cut_is_a_warning_with_the_numbers():

@@ -96,15 +96,20 @@ class QwenVLAdapter(TransformersAdapter):
         return {}
 
 
+TICKS = 1000.0   # the metadata's frame rate: sampled times in milliseconds of playback
+
+
 def clip_metadata(clip: Clip) -> VideoMetadata:
-    """What the processors (ours and vLLM's) are told about a clip's frames: the real fps and
-    the window they were sampled from, so the sampled rate is frames / window duration."""
+    """What the processors (ours and vLLM's) are told about a clip's frames: when each was
+    sampled, in milliseconds of playback (index / fps = its presentation time, which Qwen3-VL
+    writes as timestamps), over the window's span, so the sampled rate is frames / window
+    duration (Qwen2.5-VL's time ids) whatever the stream's nominal rate."""
     win = clip.window
-    window_frames = max(len(win.indices), round((win.end_s - win.start_s) * clip.fps))
+    indices = [round(t * TICKS) for t in win.timestamps_s]
     return VideoMetadata(
-        total_num_frames=window_frames, fps=clip.fps,
-        height=clip.frames.shape[1], width=clip.frames.shape[2],
-        duration=win.end_s - win.start_s, frames_indices=list(win.indices),
+        total_num_frames=max(len(indices), round((win.end_s - win.start_s) * TICKS)),
+        fps=TICKS, height=clip.frames.shape[1], width=clip.frames.shape[2],
+        duration=win.end_s - win.start_s, frames_indices=indices,
     )
 
 

@@ -17,6 +17,7 @@ import av
 import numpy as np
 
 from guardrail.errors import VideoError
+from guardrail.video.shots import THUMB, centred, change
 from guardrail.video.source import _Deadline, _one_line, _Source
 from guardrail.video.timeline import Timeline
 from guardrail.video.types import VideoInfo, _require
@@ -134,6 +135,7 @@ class PyAVDecoder:
         self._source, self._info, self._deadline = source, info, deadline
         # [F] sorted packet pts, ranks of keyframes among them, whether packets carry pts at all
         self._pts, self._keys, self._timed = timeline.pts, timeline.keyframes, timeline.timed
+        self._shared = bool((np.diff(self._pts) == 0).any())    # frames sharing a timestamp
         self.num_frames = len(self._pts)
         self._container: av.container.InputContainer | None = None
         self._frames: Iterator[av.VideoFrame] = iter(())
@@ -169,6 +171,7 @@ class PyAVDecoder:
             return  # no keyframe to skip ahead to
         self._container.seek(int(self._pts[key]), stream=self._stream, backward=True)
         self._frames = _decode(self._container, self._stream, self._deadline)
+        self._last = None                 # the frame before the seek is no neighbour
         frame = next(self._frames, None)
         if frame is None or self._index_of(frame) > i:  # NOTE: demuxers that seek by dts may
             self._restart()  # overshoot; then decode from the start
@@ -186,32 +189,33 @@ class PyAVDecoder:
     def _index_of(self, frame: av.VideoFrame) -> int:
         if not self._timed or frame.pts is None:
             return self._pos + 1
+        if self._shared and self._last is not None and frame.pts == self._last.pts:
+            return self._pos + 1          # frames sharing a timestamp: ranks in output order
         return int(np.searchsorted(self._pts, frame.pts))
 
 
-def thumbnails(src: _Source, timeline: Timeline, deadline: _Deadline,
-               size: tuple[int, int] = (32, 18)) -> np.ndarray:
-    """[F, h, w, 3] uint8: every frame of the video, tiny (the coverage pass). One sequential
-    decode; a frame that does not decode keeps the thumbnail before it."""
-    width, height = size
-    out = np.zeros((timeline.num_frames, height, width, 3), np.uint8)
+def frame_changes(src: _Source, timeline: Timeline, deadline: _Deadline) -> np.ndarray:
+    """[F-1] float32: how much each frame (presentation order) changes from the one before
+    (`shots.change` on tiny thumbnails), from one sequential decode, streamed: one thumbnail is
+    held, not F. A frame that does not decode counts as no change."""
+    width, height = THUMB
+    changes = np.zeros(max(timeline.num_frames - 1, 0), np.float32)
     container = _open_container(src, deadline)
+    previous, pos, last_pts = None, -1, None
     try:
         stream = _video_stream(container)
         stream.thread_type = "AUTO"
-        pos = -1
         for frame in _decode(container, stream, deadline):
-            i = (pos + 1 if not timeline.timed or frame.pts is None
+            i = (pos + 1 if not timeline.timed or frame.pts is None or frame.pts == last_pts
                  else int(np.searchsorted(timeline.pts, frame.pts)))
-            if 0 <= i < len(out):
-                out[pos + 1: i] = out[pos] if pos >= 0 else 0     # frames that did not decode
-                out[i] = frame.to_ndarray(format="rgb24", width=width, height=height)
-                pos = max(pos, i)
+            last_pts = frame.pts
+            thumb = centred(frame.to_ndarray(format="rgb24", width=width, height=height))
+            if previous is not None and 0 < i <= len(changes):
+                changes[i - 1] = change(previous, thumb)
+            previous, pos = thumb, max(pos, i)
     finally:
         container.close()
-    if 0 <= pos < len(out) - 1:
-        out[pos + 1:] = out[pos]
-    return out
+    return changes
 
 
 DECODERS: dict[str, type[FrameDecoder]] = {"decord": DecordDecoder, "pyav": PyAVDecoder}

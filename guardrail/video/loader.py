@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from guardrail.errors import UnsupportedVideoError, VideoError, VideoTooLargeError
-from guardrail.video.decoders import DECODERS, FrameDecoder, _backends, thumbnails
+from guardrail.video.decoders import DECODERS, FrameDecoder, _backends, frame_changes
 from guardrail.video.sampling import cfr_times, coverage_windows, plan_windows
 from guardrail.video.shots import find_shots, plan_coverage
 from guardrail.video.source import (
@@ -132,7 +132,8 @@ def _decode_with(decoder_cls: type[FrameDecoder], src: _Source, header: VideoInf
                 info)
             shots, warnings = None, timeline.warnings
             if sampling.mode == "coverage":
-                found = find_shots(thumbnails(src, timeline, deadline), times, info.duration_s)
+                found = find_shots(frame_changes(src, timeline, deadline), times,
+                                   info.duration_s)
                 plan = plan_coverage(found, info.duration_s, sampling.min_shot_s,
                                      sampling.max_gap_s, sampling.frame_budget)
                 windows = coverage_windows(times, plan.times_s, info.duration_s,

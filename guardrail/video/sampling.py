@@ -27,25 +27,31 @@ def plan_windows(info: VideoInfo, sampling: SamplingConfig,
     """Windows over the playback and the frames sampled in each (uniform and fps modes).
 
     `times_s` [F]: each frame's presentation time, ascending (default: i / fps). A window
-    covers [start_s, end_s); the last may be shorter (a tail shorter than one nominal frame is
-    dropped); overlapping windows stop at the first one that reaches the end. In each window
-    the frame on screen at the middle of each of n equal time segments is sampled."""
+    covers [start_s, end_s); the last may be shorter (a tail in which no frame starts and that
+    is shorter than a frame interval and a second is dropped); overlapping windows stop at the
+    first one that reaches the end. In each window the frame on screen at the middle of each of
+    n equal time segments is sampled; in fps mode samples landing on the same frame count once
+    (a frame held for a long time is judged once, a short one between long ones still is)."""
     _require(sampling.mode in ("uniform", "fps"), "plan_windows takes uniform or fps sampling; "
              "coverage needs the shots of the video (coverage_windows)")
     times = cfr_times(info) if times_s is None else np.asarray(times_s, np.float64)
     duration = info.duration_s if info.duration_s > 0 else info.num_frames / info.fps
     windows = []
+    tail = min(1.0 / info.fps, 1.0)
     for start, end in _spans(duration, sampling.window_s, sampling.stride_s):
-        if windows and (end - start) * info.fps < 1 - 1e-6:
-            continue  # a tail shorter than one frame
+        if windows and end - start < tail - 1e-9 and not _starts_in(times, start, end):
+            continue  # a sliver of the last frame's display time
         if sampling.mode == "uniform":
             n = sampling.num_frames
         else:
-            n = min(math.ceil((end - start) * sampling.fps - 1e-6), sampling.frame_budget)
-            n = max(1, min(n, _frames_in(times, start, end)))
+            n = max(1, min(math.ceil((end - start) * sampling.fps - 1e-6),
+                           sampling.frame_budget))
         targets = start + (2 * np.arange(n) + 1) / (2 * n) * (end - start)
-        windows.append(Window(start, end, tuple(frame_at(times, targets).tolist()),
-                              tuple(float(t) for t in targets)))
+        idx = frame_at(times, targets)
+        if sampling.mode == "fps":
+            first = np.concatenate([[True], idx[1:] != idx[:-1]])
+            idx, targets = idx[first], targets[first]
+        windows.append(Window(start, end, tuple(idx.tolist()), tuple(float(t) for t in targets)))
     return tuple(windows)
 
 
@@ -70,11 +76,9 @@ def frame_at(times_s: np.ndarray, t: np.ndarray) -> np.ndarray:
     return np.clip(i, 0, len(times_s) - 1)
 
 
-def _frames_in(times: np.ndarray, start: float, end: float) -> int:
-    """Distinct frames on screen during [start, end)."""
-    first = int(frame_at(times, np.asarray(start)))
-    stop = int(np.searchsorted(times, end - 1e-9, side="left"))
-    return max(1, stop - first)
+def _starts_in(times: np.ndarray, start: float, end: float) -> bool:
+    """Whether a frame starts showing during [start, end)."""
+    return bool(np.searchsorted(times, start - 1e-9) < np.searchsorted(times, end - 1e-9))
 
 
 def _spans(duration: float, window_s: float | None, stride_s: float | None

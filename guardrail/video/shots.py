@@ -1,7 +1,11 @@
-"""Coverage sampling: find the shots of a video from tiny thumbnails of every frame, then pick
-judged times so that every shot of at least `min_shot_s` has a judged frame and no gap between
-judged frames (or from the start, or to the end) exceeds `max_gap_s`, within a frame budget.
-Pure: thumbnails and times in, times out."""
+"""Coverage sampling: find the shots of a video from how much every frame changes from the one
+before (measured on tiny thumbnails, `decoders.frame_changes`), then pick judged times so that
+every shot of at least `min_shot_s` has a judged frame and no gap between judged frames (or
+from the start, or to the end) exceeds `max_gap_s`, within a frame budget. Pure: changes and
+times in, times out.
+
+What the cut detector does not see (a slow fade, a change confined to a few pixels of a 32x18
+thumbnail) is covered only by the `max_gap_s` bound, which holds whatever the content."""
 
 from __future__ import annotations
 
@@ -10,8 +14,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CUT_MIN = 12.0      # mean absolute thumbnail difference (0..255) that always counts as a cut
-CUT_RELATIVE = 4.0  # ... or this many times the video's median frame-to-frame difference
+CUT_MIN = 20.0      # change (see decoders.frame_changes, 0..255) that always counts as a cut
+CUT_RELATIVE = 4.0  # ... or this many times the video's median change, when that is larger
+
+
+THUMB = (32, 18)    # thumbnail width, height for the change measure
+GRID = (4, 3)       # blocks across, down
+
+
+def centred(thumb: np.ndarray) -> np.ndarray:
+    """[h, w, 3] uint8 thumbnail -> float32 with its own mean removed (brightness flicker
+    cancels out)."""
+    out = thumb.astype(np.float32)
+    return out - out.mean()
+
+
+def change(previous: np.ndarray, current: np.ndarray) -> float:
+    """How much a frame changed from the one before (both `centred` thumbnails): the largest,
+    over a GRID of blocks, mean absolute difference (0..255), so a change over one block (an
+    insert over part of the picture) counts as much as one over all of it."""
+    h, w = current.shape[:2]
+    gx, gy = GRID
+    d = np.abs(current - previous)[: h - h % gy, : w - w % gx]
+    return float(d.reshape(gy, h // gy, gx, w // gx, 3).mean(axis=(1, 3, 4)).max())
 
 
 @dataclass(frozen=True)
@@ -31,16 +56,15 @@ class CoveragePlan:
     warnings: tuple[str, ...]      # where the budget cut coverage
 
 
-def find_shots(thumbs: np.ndarray, times_s: np.ndarray, end_s: float) -> tuple[Shot, ...]:
-    """Shots from thumbnails [F, h, w, 3] uint8 of every frame in presentation order: a cut
-    lies before frame i when it differs from frame i-1 by at least CUT_MIN (mean absolute
-    difference) or CUT_RELATIVE times the median difference, whichever is larger."""
-    if len(thumbs) < 2:
+def find_shots(changes: np.ndarray, times_s: np.ndarray, end_s: float) -> tuple[Shot, ...]:
+    """Shots from `changes` [F-1] (frame i+1 against frame i, presentation order): a cut lies
+    before frame i+1 when its change is at least CUT_MIN or CUT_RELATIVE times the median
+    change, whichever is larger. The median cannot be inflated by global brightness flicker
+    (changes are measured after removing each thumbnail's mean)."""
+    if len(changes) == 0:
         return (Shot(0.0, end_s),)
-    x = thumbs.astype(np.int16)
-    diff = np.abs(x[1:] - x[:-1]).mean(axis=(1, 2, 3))                 # [F-1]
-    threshold = max(CUT_MIN, CUT_RELATIVE * float(np.median(diff)))
-    cuts = (np.nonzero(diff >= threshold)[0] + 1).tolist()
+    threshold = max(CUT_MIN, CUT_RELATIVE * float(np.median(changes)))
+    cuts = (np.nonzero(changes >= threshold)[0] + 1).tolist()
     bounds = [0.0, *(float(times_s[i]) for i in cuts), end_s]
     return tuple(Shot(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a)
 
@@ -49,28 +73,41 @@ def plan_coverage(shots: tuple[Shot, ...], end_s: float, min_shot_s: float, max_
                   max_frames: int) -> CoveragePlan:
     """Judged times: the middle of every shot of at least `min_shot_s`, then more times where
     a gap (from 0, between judged times, to the end) exceeds `max_gap_s`, then the middle of
-    shorter shots while the budget allows. Over budget: the long shots' times spread evenly over
-    the video, and a warning saying how much coverage was cut."""
+    shorter shots while the budget allows. Over budget, shots come first: the long shots'
+    middles (spread evenly over them when even they do not fit), then gap times spread evenly
+    with what is left; a warning says how much coverage was cut."""
     long = [s for s in shots if s.length_s >= min_shot_s - 1e-9]
-    times = sorted({_mid(s) for s in long} or {end_s / 2})
-    times = _fill_gaps(times, end_s, max_gap_s)
+    middles = sorted({_mid(s) for s in long} or {end_s / 2})
+    times = _fill_gaps(middles, end_s, max_gap_s)
     warnings: list[str] = []
     if len(times) > max_frames:
         needed = len(times)
-        keep = np.linspace(0, needed - 1, max_frames).round().astype(int)
-        times = [times[i] for i in sorted(set(keep.tolist()))]
-        seen = sum(any(s.start_s <= t < s.end_s for t in times) for s in long)
+        kept = _spread(middles, max_frames)
+        fills = sorted(set(times) - set(middles))
+        kept = sorted(set(kept) | set(_spread(fills, max_frames - len(kept))))
+        seen = sum(any(s.start_s <= t < s.end_s for t in kept) for s in long)
         warnings.append(
             f"coverage cut by the frame budget: {needed} frames needed for every shot of "
             f"{min_shot_s:g} s or more and gaps of at most {max_gap_s:g} s, max_frames is "
             f"{max_frames}; {seen} of {len(long)} such shots judged, the largest gap "
-            f"{_largest_gap(times, end_s):.1f} s")
+            f"{_largest_gap(kept, end_s):.1f} s")
+        times = kept
     else:
         short = sorted((s for s in shots if s.length_s < min_shot_s - 1e-9),
                        key=lambda s: -s.length_s)
         extra = [_mid(s) for s in short[: max_frames - len(times)]]
         times = sorted(set(times) | set(extra))
     return CoveragePlan(tuple(times), shots, tuple(warnings))
+
+
+def _spread(items: list[float], k: int) -> list[float]:
+    """At most k of `items` (ascending), evenly spaced over them."""
+    if k <= 0 or not items:
+        return []
+    if len(items) <= k:
+        return list(items)
+    picks = np.linspace(0, len(items) - 1, k).round().astype(int)
+    return [items[i] for i in sorted(set(picks.tolist()))]
 
 
 def _mid(shot: Shot) -> float:

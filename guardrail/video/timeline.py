@@ -37,14 +37,17 @@ def read_timeline(src: _Source, deadline: _Deadline, fps: float,
     the stream's nominal rate, used where timestamps are missing and for the last frame's
     display time when its packet does not say."""
     container = _open_container(src, deadline)
-    pts, durations, keys = [], [], []
+    pts, durations, keys, missing = [], [], [], 0
     try:
         stream = _video_stream(container)
         base = stream.time_base      # a Fraction: times are ticks * num / den, rounded once
         for packet in container.demux(stream):
             deadline.check("indexing the video")
             if packet.size > 0:
-                pts.append(packet.pts)
+                stamp = packet.pts
+                if stamp is None:          # a packet without a pts: its dts where it has one
+                    stamp, missing = packet.dts, missing + 1
+                pts.append(stamp)
                 durations.append(packet.duration or 0)
                 keys.append(packet.is_keyframe)
     except av.FFmpegError:
@@ -54,7 +57,7 @@ def read_timeline(src: _Source, deadline: _Deadline, fps: float,
     n = len(pts)
     if n == 0:
         return Timeline(np.zeros(0, np.int64), np.zeros(0), 0.0, [0], False)
-    if any(p is None for p in pts) or not base:
+    if any(p is None for p in pts) or not base:     # NOTE: no time at all for some frames
         times = np.arange(n, dtype=np.float64) / fps
         return Timeline(np.arange(n, dtype=np.int64), times, n / fps, [0], False, (
             f"the video stream carries no timestamps: its {n} frames are placed at the nominal "
@@ -80,8 +83,15 @@ def read_timeline(src: _Source, deadline: _Deadline, fps: float,
         shown = [x for x in (packet, median) if x > 0]
         end = last_t + (min(shown) if shown else 1.0 / fps)
     key_ranks = [0] + [r for r, p in enumerate(order.tolist()) if keys[p] and r > 0]
-    warnings = ()
-    if container_duration_s and abs(end - container_duration_s) > max(1.0, 0.1 * end):
-        warnings = (f"the container says {container_duration_s:.1f} s but the frames' "
-                    f"timestamps span {end:.1f} s; judged over the timestamps",)
-    return Timeline(raw, times, end, key_ranks, True, warnings)
+    warnings: list[str] = []
+    if container_end and abs(end - container_end) > max(1.0, 0.1 * end):
+        warnings.append(f"the container says {container_end:.1f} s but the frames' timestamps "
+                        f"span {end:.1f} s; judged over the timestamps")
+    if missing:
+        warnings.append(f"{missing} video packets carry no presentation timestamp; they are "
+                        "placed by their decoding timestamp")
+    repeated = int((np.diff(raw) == 0).sum())
+    if repeated:
+        warnings.append(f"{repeated} frames share their presentation timestamp with the frame "
+                        "before; only the last of each is on screen and judged")
+    return Timeline(raw, times, end, key_ranks, True, tuple(warnings))
