@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -34,6 +35,7 @@ from guardrail.yaml_lines import MAP_TAG, KeyPath, Walker, compose, format_path
 
 MAX_POLICY_BYTES = 1 << 20  # 1 MiB, checked before parsing
 MAX_CATEGORIES = 64
+MAX_VERSION = 2**31 - 1   # fits a PostgreSQL integer column
 MAX_MESSAGES = 100
 
 
@@ -48,7 +50,18 @@ def _one_line(value: str) -> str:
 def _check_name(value: str) -> str:
     if '"' in value or "\\" in value:
         raise ValueError("must not contain '\"' or '\\' (it is written inside a JSON key)")
+    hidden = sorted({f"U+{ord(ch):04X}" for ch in value
+                     if unicodedata.category(ch) in ("Cc", "Cf")})
+    if hidden:   # zero-width and bidi controls make look-alike names
+        raise ValueError(f"must not contain invisible or direction characters "
+                         f"({', '.join(hidden)})")
     return value
+
+
+def name_key(name: str) -> str:
+    """What makes two category names the same: NFKC-normalised, case-folded. Outputs keyed by
+    name (`/v1/moderations`) must never merge two categories."""
+    return unicodedata.normalize("NFKC", name).casefold()
 
 
 def _check_threshold(value: float) -> float:
@@ -115,7 +128,8 @@ class PolicySet(_Model):
     """One policy file: a named, versioned list of categories."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Policy set id.")
-    version: int = Field(ge=1, description="Integer version of the set.")
+    version: int = Field(ge=1, le=MAX_VERSION, description="Integer version of the set, 1 to "
+                         "2^31-1.")
     description: str | None = Field(None, description="Optional free text.")
     defaults: Defaults = Field(default_factory=Defaults, description="Set-wide defaults.")
     categories: list[Category] = Field(
@@ -125,6 +139,7 @@ class PolicySet(_Model):
     @model_validator(mode="after")
     def _unique_ids(self) -> PolicySet:
         first: dict[str, int] = {}
+        names: dict[str, int] = {}
         for i, category in enumerate(self.categories):
             if category.id in first:
                 raise PydanticCustomError(
@@ -133,6 +148,13 @@ class PolicySet(_Model):
                     {"id": category.id, "first": first[category.id]},
                 )
             first[category.id] = i
+            key = name_key(category.name)
+            if key in names:
+                raise PydanticCustomError(
+                    "duplicate_name",
+                    "duplicate name '{name}' (the same as categories[{first}] once case and "
+                    "Unicode forms are ignored)", {"name": category.name, "first": names[key]})
+            names[key] = i
         return self
 
     @property
@@ -219,10 +241,11 @@ def load_policies(paths: list[str | os.PathLike[str]]) -> PolicySet:
     categories = []
     for path, pset in zip(paths, sets, strict=True):
         for c in pset.categories:
-            if c.id in seen:
-                raise PolicyError(
-                    f"{os.fspath(path)}: category id {c.id!r} is also in {seen[c.id]}")
-            seen[c.id] = os.fspath(path)
+            for key, what in ((c.id, f"category id {c.id!r}"),
+                              ("name:" + name_key(c.name), f"category name {c.name!r}")):
+                if key in seen:
+                    raise PolicyError(f"{os.fspath(path)}: {what} is also in {seen[key]}")
+                seen[key] = os.fspath(path)
             categories.append(c.model_copy(update={"threshold": pset.threshold_of(c)}))
     return PolicySet(name="-".join(s.name for s in sets), version=1, categories=categories,
                      description="combined from " + ", ".join(os.fspath(p) for p in paths))
@@ -246,7 +269,7 @@ def load_policy_text(text: str, source: str = "<string>") -> PolicySet:
         for e in err.errors():
             loc = tuple(e["loc"])
             # the walker already explained values it could not build; duplicates come from above
-            if e["type"] == "duplicate_id" or any(
+            if e["type"] in ("duplicate_id", "duplicate_name") or any(
                 loc[:n] in walker.bad for n in range(len(loc) + 1)
             ):
                 continue
@@ -262,17 +285,25 @@ def _duplicate_ids(value: dict[str, Any], lines: dict[KeyPath, int]) -> list[tup
     categories = value.get("categories")
     if not isinstance(categories, list):
         return []
-    errors, first = [], {}
+    errors, first, names = [], {}, {}
     for i, category in enumerate(categories):
         cid = category.get("id") if isinstance(category, dict) else None
-        if not isinstance(cid, str):
-            continue
-        path = ("categories", i, "id")
-        if cid in first:
-            msg = f"{format_path(path)}: duplicate id '{cid}' (first at line {first[cid]})"
-            errors.append((lines.get(path, 1), msg))
-        else:
-            first[cid] = lines.get(path, 1)
+        name = category.get("name") if isinstance(category, dict) else None
+        if isinstance(cid, str):
+            path = ("categories", i, "id")
+            if cid in first:
+                msg = f"{format_path(path)}: duplicate id '{cid}' (first at line {first[cid]})"
+                errors.append((lines.get(path, 1), msg))
+            else:
+                first[cid] = lines.get(path, 1)
+        if isinstance(name, str):
+            path, key = ("categories", i, "name"), name_key(name)
+            if key in names:
+                msg = (f"{format_path(path)}: duplicate name {name!r} (the same as line "
+                       f"{names[key]} once case and Unicode forms are ignored)")
+                errors.append((lines.get(path, 1), msg))
+            else:
+                names[key] = lines.get(path, 1)
     return errors
 
 

@@ -402,3 +402,28 @@ def test_arbitrary_yaml_only_raises_policy_error(value: object, flow: bool, cut:
 def test_policy_shaped_yaml_only_raises_policy_error(categories: list, defaults: object) -> None:
     doc = {"name": "fuzz", "version": 1, "defaults": defaults, "categories": categories}
     _only_policy_errors(yaml.safe_dump(doc, allow_unicode=True))
+
+
+@pytest.mark.parametrize("second,message", [
+    ("Weapons", "duplicate name 'Weapons' (the same as line 4"),
+    ("WEAPONS", "duplicate name 'WEAPONS'"),
+    ("\ufb01rearms", "duplicate name"),                  # the fi ligature: NFKC "firearms"
+    ("Weap\u200bons", "invisible or direction characters (U+200B)"),
+    ("\u202eWeapons", "invisible or direction characters (U+202E)"),
+])
+def test_category_names_must_differ_as_people_read_them(second, message):
+    first = "firearms" if second.startswith("\ufb01") else "Weapons"
+    text = ("name: t\nversion: 1\ncategories:\n"
+            f"  - {{id: A1, name: \"{first}\", blocked: [guns]}}\n"
+            f"  - {{id: A2, name: \"{second}\", blocked: [knives]}}\n")
+    with pytest.raises(PolicyError) as err:
+        load_policy_text(text, "t.yaml")
+    assert str(err.value).startswith("t.yaml:5: categories[1].name: ") and message in str(
+        err.value)
+
+
+def test_versions_fit_a_32_bit_integer():
+    text = "name: t\nversion: {}\ncategories:\n  - {{id: A1, name: A, blocked: [x]}}\n"
+    assert load_policy_text(text.format(2**31 - 1)).version == 2**31 - 1
+    with pytest.raises(PolicyError, match="version: input should be less than or equal"):
+        load_policy_text(text.format(2**31))

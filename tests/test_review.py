@@ -429,3 +429,17 @@ def test_the_recorder_bounds_sync_verdicts_never_starves_jobs_and_frees_waiters_
 
     asyncio.run(scenario())
     assert count("recorded") + count("dropped") == 9
+
+
+def test_concurrent_decisions_leave_the_current_one_last_in_the_history():
+    """20 reviewers saving one item at once: whichever is current is the newest history entry
+    (the time is taken under the row lock, so history order is decision order)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reviews = _store()
+    item = reviews.record(_verdict(), [], [], "moderate", None)
+    with ThreadPoolExecutor(20) as pool:
+        list(pool.map(lambda k: reviews.decide(item, [], f"note {k}", None), range(20)))
+    current, history = reviews.get(item).review, reviews.history(item)
+    assert len(history) == 20 and history[-1].note == current.note
+    assert [h.reviewed_at for h in history] == sorted(h.reviewed_at for h in history)

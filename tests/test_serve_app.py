@@ -444,3 +444,21 @@ def test_the_service_samples_by_coverage_over_playback_by_default(engine, tmp_pa
         assert hours["video"]["duration_s"] == pytest.approx(14040.0, abs=0.05)
         assert hours["video"]["frames_used"] == 64                 # the service's budget
         assert any("coverage cut by the frame budget" in w for w in hours["warnings"])
+
+
+def test_thin_frames_are_422_not_500(client):
+    """Frames whose longer side is over 200 times the shorter (the Qwen-VL processors refuse
+    them, and a 1-pixel side reads as a channel axis): 422 with the size, for images and video
+    alike, and the service keeps serving."""
+    import io
+
+    from PIL import Image
+
+    for size in ((1, 4000), (4000, 1), (3000, 3)):
+        buf = io.BytesIO()
+        Image.new("RGB", size, (120, 30, 30)).save(buf, format="PNG")
+        error = assert_error(upload(client, buf.getvalue(), "thin.png", "image/png"), 422)
+        assert "too thin" in error["message"]
+    wide = videos.encode_video("mp4_h264", num_frames=3, width=4096, height=16)
+    assert "4096x16 is too thin" in assert_error(upload(client, wide), 422)["message"]
+    assert client.get("/healthz").status_code == 200

@@ -364,3 +364,21 @@ def test_postgres_connections_are_pooled_and_dropped_ones_replaced(tmp_path, req
     time.sleep(0.2)                                           # the server's goodbye arrives
     assert store.counts() == {"queued": 30}   # a dropped connection is not handed out
     assert store.db.connects == opened + 1
+
+
+def test_racing_policy_versions_give_one_winner_and_only_growing_versions(tmp_path):
+    """20 replicas adding v2 at once: exactly one succeeds, the rest are told it is not newer
+    (no integrity error); then versions 3..22 at once: stored in an order in which versions
+    only grow."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = store_for(tmp_path)
+    store.add_policy("p", 1, "sha256:1", "v1")
+    with ThreadPoolExecutor(20) as pool:
+        same = list(pool.map(lambda k: store.add_policy("p", 2, f"sha256:{k}", "v2"), range(20)))
+        assert sorted(same, key=str) == [2] + [None] * 19
+        list(pool.map(lambda v: store.add_policy("p", v, f"sha256:v{v}", "v"), range(3, 23)))
+    stored = store.policy_versions("p")
+    by_time = [v["version"] for v in sorted(stored, key=lambda v: (v["created_at"],
+                                                                    v["version"]))]
+    assert by_time == sorted(by_time) and by_time[0] == 1 and by_time[1] == 2

@@ -109,3 +109,29 @@ def test_a_version_too_long_for_the_model_is_refused_at_put(small_context_model,
         assert "context is 4,096 tokens" in reply.json()["error"]["message"]
         versions = c.get("/v1/policies/safewatch/versions", headers=USER).json()["versions"]
         assert [v["version"] for v in versions] == [1]            # nothing was stored
+
+
+def test_versions_outside_the_integer_range_and_look_alike_names_are_4xx(engine, tmp_path,
+                                                                          clip, job_db):
+    """Versions are 1..2^31-1 on both stores (a request's pin and a PUT alike), and a set whose
+    category names collide once case and Unicode forms are ignored, or hide zero-width or
+    direction characters, is refused: /v1/moderations keys results by name and must never
+    merge two categories."""
+    huge = {"policy_set": "safewatch", "policy_version": str(2**63)}
+    with TestClient(app_for(engine, tmp_path, job_db)) as c:
+        for value in (str(2**63), "1" + "0" * 400, str(2**31)):
+            reply = c.post("/v1/moderate", files={"file": ("v.mp4", clip, "video/mp4")},
+                           data={**huge, "policy_version": value}, headers=USER)
+            assert reply.status_code in (400, 422) and "error" in reply.json(), value
+        doc = yaml.safe_load(version2())
+        doc["version"] = 2**63
+        reply = c.put("/v1/policies/safewatch", content=yaml.safe_dump(doc), headers=ADMIN)
+        assert reply.status_code == 422 and "version" in reply.json()["error"]["message"]
+        for second in ("Weapons", "WEAPONS", "Weap\u200bons", "\u202eWeapons"):
+            policy = ("name: twins\nversion: 1\ncategories:\n"
+                      "  - {id: A1, name: Weapons, blocked: [guns], threshold: 0.01}\n"
+                      f"  - {{id: A2, name: \"{second}\", blocked: [knives], threshold: 0.99}}\n")
+            reply = c.post("/v1/moderate", files={"file": ("v.mp4", clip, "video/mp4")},
+                           data={"policy": policy}, headers=USER)
+            assert reply.status_code == 422, (second, reply.text)
+            assert "name" in reply.json()["error"]["message"]

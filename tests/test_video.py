@@ -376,3 +376,17 @@ def test_image_as_video_bad_input():
     with pytest.raises(UsageError):
         image_as_video(np.zeros((4, 4, 3), np.float32))
 
+
+
+@pytest.mark.parametrize("height,width", [(1, 4000), (4000, 1), (3, 3000), (1, 201)])
+def test_thin_images_are_a_typed_error(height, width):
+    with pytest.raises(VideoError, match="too thin to judge"):
+        image_as_video(np.full((height, width, 3), 128, np.uint8))
+    image_as_video(np.full((2, 400, 3), 128, np.uint8))          # 200:1 is still judged
+
+
+@pytest.mark.parametrize("width,height", [(4096, 16), (16, 4096)])
+def test_thin_videos_are_a_typed_error(width, height):
+    data = videos.encode_video("mp4_h264", num_frames=3, width=width, height=height)
+    with pytest.raises(VideoError, match=f"frame size {width}x{height} is too thin"):
+        load_video(data)

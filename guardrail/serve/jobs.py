@@ -214,8 +214,10 @@ class JobStore:
 
     def add_policy(self, name: str, version: int, digest: str, yaml_text: str) -> int | None:
         """Store a new version; None when it is not greater than the latest (returned
-        otherwise as the new latest). Atomic: two replicas cannot both add version n."""
+        otherwise as the new latest). Atomic and in order: concurrent PUTs of one name run one
+        after the other, so two replicas cannot both add version n, and versions only grow."""
         with self._tx() as db:
+            self.db.serialize(db, f"policy_versions:{name}")
             row = db.execute("SELECT MAX(version) AS v FROM policy_versions WHERE name = ?",
                              (name,)).fetchone()
             latest = row["v"] if row and row["v"] is not None else 0

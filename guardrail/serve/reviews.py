@@ -180,14 +180,16 @@ class ReviewStore:
                reviewer: str | None) -> Item | None:
         """Record a decision (it replaces the current one; both stay in the history). None
         when there is no such item."""
-        now = time.time()
         with self.db.tx() as db:
             # the UPDATE locks the row (two reviewers saving at once: one after the other)
-            cur = db.execute("UPDATE review_items SET status = 'reviewed', labels = ?, note = ?, "
-                             "reviewer = ?, reviewed_at = ? WHERE id = ?",
-                             (json.dumps(labels), note, reviewer, now, item_id))
+            cur = db.execute("UPDATE review_items SET status = 'reviewed' WHERE id = ?",
+                             (item_id,))
             if cur.rowcount == 0:
                 return None                              # no such item, or just evicted
+            now = time.time()          # under the row lock: history order is decision order
+            db.execute("UPDATE review_items SET labels = ?, note = ?, reviewer = ?, "
+                       "reviewed_at = ? WHERE id = ?",
+                       (json.dumps(labels), note, reviewer, now, item_id))
             db.execute("INSERT INTO review_history (item, labels, note, reviewer, reviewed_at) "
                        "VALUES (?, ?, ?, ?, ?)", (item_id, json.dumps(labels), note, reviewer,
                                                   now))

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from guardrail.policy import MAX_VERSION
 from guardrail.verdict import Mode, Verdict
 
 JobStatus = Literal["queued", "running", "succeeded", "failed"]
@@ -20,7 +21,8 @@ class Options(_Request):
 
     policy: str | None = Field(None, description="Policy YAML text (one set).")
     policy_set: str | None = Field(None, description="A registered set name (GET /v1/policies).")
-    policy_version: int | None = Field(None, ge=1, description="Pin a version of policy_set "
+    policy_version: int | None = Field(None, ge=1, le=MAX_VERSION,
+                                       description="Pin a version of policy_set "
                                        "(default: its latest).")
     mode: Mode | None = None
     keep_ratio: float | None = Field(None, gt=0.0, le=1.0)
@@ -83,7 +85,7 @@ class ModerationsRequest(BaseModel):
         description="video_url / image_url parts (text is not judged).")
     policy: str | None = None
     policy_set: str | None = None
-    policy_version: int | None = Field(None, ge=1)
+    policy_version: int | None = Field(None, ge=1, le=MAX_VERSION)
     mode: Mode | None = None
     keep_ratio: float | None = Field(None, gt=0.0, le=1.0)
     frames: int | None = Field(None, ge=1)

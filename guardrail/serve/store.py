@@ -31,6 +31,10 @@ class Database(Protocol):
     def tx(self, write: bool = True) -> Any:
         """Context manager: a connection inside one transaction (committed on success)."""
 
+    def serialize(self, conn: Any, key: str) -> None:
+        """Make transactions that call this with the same `key` run one after the other (until
+        this one ends)."""
+
     def execute_schema(self, statements: list[str]) -> None:
         ...
 
@@ -73,6 +77,9 @@ class SQLite:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+
+    def serialize(self, conn: Any, key: str) -> None:
+        """Nothing to do: BEGIN IMMEDIATE already runs writers one at a time."""
 
     def execute_schema(self, statements: list[str]) -> None:
         with closing(sqlite3.connect(self.path, timeout=30)) as db:
@@ -171,6 +178,9 @@ class Postgres:
                 yield _PgConnection(conn)
         finally:
             self._give(conn)                   # closed instead unless idle and healthy
+
+    def serialize(self, conn: Any, key: str) -> None:
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (key,))
 
     def execute_schema(self, statements: list[str]) -> None:
         with self.tx() as conn:

@@ -118,9 +118,15 @@ def _duration_s(container: av.container.InputContainer, stream: av.VideoStream) 
     return duration if math.isfinite(duration) and duration > 0 else 0.0
 
 
+MAX_ASPECT = 200  # longer side / shorter side; the Qwen-VL processors refuse more
+
+
 def _check_size(width: int, height: int, limits: VideoLimits) -> None:
     _require(width > 0 and height > 0, f"invalid frame size {width}x{height} (corrupt header?)",
              VideoError)
+    _require(max(width, height) <= MAX_ASPECT * min(width, height),
+             f"frame size {width}x{height} is too thin to judge: the longer side may be at most "
+             f"{MAX_ASPECT} times the shorter", VideoError)
     _require(width * height <= limits.max_pixels, f"frame size {width}x{height} is over the "
              f"limit of {limits.max_pixels} pixels", VideoTooLargeError)
 
