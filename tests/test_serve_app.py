@@ -462,3 +462,24 @@ def test_thin_frames_are_422_not_500(client):
     wide = videos.encode_video("mp4_h264", num_frames=3, width=4096, height=16)
     assert "4096x16 is too thin" in assert_error(upload(client, wide), 422)["message"]
     assert client.get("/healthz").status_code == 200
+
+
+def test_small_routes_refuse_large_bodies_before_reading_them(client):
+    """Sign-in, review decisions and other small routes are capped at 4 KB (413 as soon as the
+    declared or streamed size passes it); uploads keep the upload limit."""
+    big = b"key=" + b"x" * 300_000
+    for path in ("/review/login", "/review/logout", "/v1/reviews/rev-x"):
+        reply = client.post(path, content=big, headers={
+            "content-type": "application/x-www-form-urlencoded", "origin": "http://testserver",
+            "sec-fetch-site": "same-origin"})
+        assert_error(reply, 413)
+
+    def chunks():
+        for _ in range(100):
+            yield b"x" * 1024                              # no Content-Length: streamed
+    reply = client.post("/review/login", content=chunks(), headers={
+        "content-type": "application/x-www-form-urlencoded", "sec-fetch-site": "same-origin"})
+    assert_error(reply, 413)
+    assert client.post("/review/login", content=b"key=nope", headers={
+        "content-type": "application/x-www-form-urlencoded",
+        "sec-fetch-site": "same-origin"}).status_code == 401

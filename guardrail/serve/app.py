@@ -98,7 +98,10 @@ def build_app(judge: Judge, settings: ServiceSettings | None = None
 
     app = FastAPI(title="guardrail", version="1", lifespan=lifespan)
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.limits.max_body_bytes)
+    upload = settings.limits.max_body_bytes
+    app.add_middleware(BodyLimit, routes=(                        # everything else: 4 KB
+        ("POST", "/v1/moderate", upload), ("POST", "/v1/moderations", upload),
+        ("POST", "/v1/jobs", upload), ("PUT", "/v1/policies/", MAX_POLICY_BYTES + 4096)))
     app.add_middleware(Admission, moderator=moderator, paths=ADMITTED)   # outermost: first
     app.middleware("http")(_observe(metrics))
     keys, admins = settings.keys(), settings.admins()

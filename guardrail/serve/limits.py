@@ -30,21 +30,38 @@ def release_memory() -> None:
         libc.malloc_trim(0)
 
 
-class BodyLimit:
-    """Refuse bodies over `max_bytes`: at once when Content-Length says so, else as soon as the
-    streamed bytes pass the limit (the route's read raises `PayloadTooLarge`, mapped to 413)."""
+SMALL_BODY = 4096   # sign-in, review decisions and every other small JSON route
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+
+class BodyLimit:
+    """Refuse bodies over the route's limit: at once when Content-Length says so, else as soon
+    as the streamed bytes pass it (the route's read raises `PayloadTooLarge`, mapped to 413).
+    `routes` gives the routes that take more (method, path prefix, bytes: uploads, policy
+    YAML); every other route gets `max_bytes`, so a sign-in or a decision cannot make the
+    server hold megabytes."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int = SMALL_BODY,
+                 routes: tuple[tuple[str, str, int], ...] = ()):
         self.app = app
         self.max_bytes = max_bytes
+        self.routes = routes
+
+    def _limit(self, scope: Scope) -> int:
+        method, path = scope.get("method", ""), scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):    # an app mounted under a prefix (Serve)
+            path = path[len(root):]
+        return next((n for m, p, n in self.routes if method == m and path.startswith(p)),
+                    self.max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self._limit(scope)
         declared = dict(scope.get("headers", ())).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await error_response(self._error())(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await error_response(self._error(limit))(scope, receive, send)
             return
         seen = 0
 
@@ -53,8 +70,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise self._error()
+                if seen > limit:
+                    raise self._error(limit)
             return message
 
         try:
@@ -63,8 +80,9 @@ class BodyLimit:
             if seen >= TRIM_AFTER_BYTES:         # hand the freed heap back to the OS
                 await asyncio.to_thread(release_memory)
 
-    def _error(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"request body is over the limit of {self.max_bytes} bytes")
+    @staticmethod
+    def _error(limit: int) -> PayloadTooLarge:
+        return PayloadTooLarge(f"request body is over the limit of {limit} bytes")
 
 
 class Admission:
