@@ -46,6 +46,18 @@ def forced_block(encode, keys: list[str], flags: list[bool]) -> list[int]:
     return encode(f"\nGUARDRAIL: {guardrail_json(keys, flags)}\nEXPLANATION:")
 
 
+def line_end(tokenizer, stop_ids: set[int]):
+    """Whether a token ends the line being generated (a stop token, or one holding a
+    newline); memoised per token id."""
+    cache: dict[int, bool] = {}
+
+    def ends(t: int) -> bool:
+        if t not in cache:
+            cache[t] = t in stop_ids or "\n" in tokenizer.decode([t])
+        return cache[t]
+    return ends
+
+
 def room(encode, keys: list[str], flags: list[list[bool]], max_new_tokens: int,
          lead: list[int] = ()) -> int:
     """Answer tokens the rows can take: the lead, the opener, the longest of their forced
@@ -65,12 +77,7 @@ def explain_batch(batch: Batch, next_positions: list[int], keys: list[str],
     rows = [_Row(forced_block(enc, keys, f), max(1, max_new_tokens // 3)) for f in flags]
     batch.answer(next_positions)
     hidden = batch.extend([[*lead, *opener(enc)]] * len(rows))            # [B, D]
-    ends_line: dict[int, bool] = {}
-
-    def ending(t: int) -> bool:
-        if t not in ends_line:
-            ends_line[t] = t in stop_ids or "\n" in tok.decode([t])
-        return ends_line[t]
+    ending = line_end(tok, stop_ids)
 
     while True:
         best = adapter.logits(hidden).argmax(dim=-1).tolist()            # one sync per step

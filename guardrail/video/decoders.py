@@ -134,8 +134,8 @@ class PyAVDecoder:
                  timeline: Timeline) -> None:
         self._source, self._info, self._deadline = source, info, deadline
         # [F] sorted packet pts, ranks of keyframes among them, whether packets carry pts at all
-        self._pts, self._keys, self._timed = timeline.pts, timeline.keyframes, timeline.timed
-        self._shared = bool((np.diff(self._pts) == 0).any())    # frames sharing a timestamp
+        self._timeline = timeline
+        self._pts, self._keys = timeline.pts, timeline.keyframes
         self.num_frames = len(self._pts)
         self._container: av.container.InputContainer | None = None
         self._frames: Iterator[av.VideoFrame] = iter(())
@@ -187,11 +187,8 @@ class PyAVDecoder:
         self._pos, self._last = -1, None
 
     def _index_of(self, frame: av.VideoFrame) -> int:
-        if not self._timed or frame.pts is None:
-            return self._pos + 1
-        if self._shared and self._last is not None and frame.pts == self._last.pts:
-            return self._pos + 1          # frames sharing a timestamp: ranks in output order
-        return int(np.searchsorted(self._pts, frame.pts))
+        return self._timeline.rank(frame.pts, self._pos,
+                                   None if self._last is None else self._last.pts)
 
 
 def frame_changes(src: _Source, timeline: Timeline, deadline: _Deadline) -> np.ndarray:
@@ -206,9 +203,7 @@ def frame_changes(src: _Source, timeline: Timeline, deadline: _Deadline) -> np.n
         stream = _video_stream(container)
         stream.thread_type = "AUTO"
         for frame in _decode(container, stream, deadline):
-            i = (pos + 1 if not timeline.timed or frame.pts is None or frame.pts == last_pts
-                 else int(np.searchsorted(timeline.pts, frame.pts)))
-            last_pts = frame.pts
+            i, last_pts = timeline.rank(frame.pts, pos, last_pts), frame.pts
             thumb = centred(frame.to_ndarray(format="rgb24", width=width, height=height))
             if previous is not None and 0 < i <= len(changes):
                 changes[i - 1] = change(previous, thumb)

@@ -25,10 +25,20 @@ class Timeline:
     keyframes: list[int]       # ranks of keyframes among the frames (0 always)
     timed: bool                # False: no timestamps; frames placed at the nominal rate
     warnings: tuple[str, ...] = field(default=())
+    shared: bool = False       # some frames share a timestamp (decoders rank them in order)
 
     @property
     def num_frames(self) -> int:
         return int(self.times_s.size)
+
+    def rank(self, pts: int | None, pos: int, previous_pts: int | None) -> int:
+        """Index (presentation order) of a frame decoded with timestamp `pts`, right after the
+        frame at index `pos` with timestamp `previous_pts` (pos -1, None: none before)."""
+        if not self.timed or pts is None:
+            return pos + 1
+        if self.shared and previous_pts is not None and pts == previous_pts:
+            return pos + 1          # frames sharing a timestamp: ranks in output order
+        return int(np.searchsorted(self.pts, pts))
 
 
 def read_timeline(src: _Source, deadline: _Deadline, fps: float,
@@ -94,4 +104,4 @@ def read_timeline(src: _Source, deadline: _Deadline, fps: float,
     if repeated:
         warnings.append(f"{repeated} frames share their presentation timestamp with the frame "
                         "before; only the last of each is on screen and judged")
-    return Timeline(raw, times, end, key_ranks, True, tuple(warnings))
+    return Timeline(raw, times, end, key_ranks, True, tuple(warnings), repeated > 0)
