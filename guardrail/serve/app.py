@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 
 from guardrail.errors import PromptTooLongError
 from guardrail.policy import MAX_POLICY_BYTES
@@ -28,6 +29,7 @@ from guardrail.serve.errors import (
     NotFound,
     Overloaded,
     PayloadTooLarge,
+    StoreUnavailable,
     Unauthorized,
     Unavailable,
     Unprocessable,
@@ -179,8 +181,12 @@ def _api(moderator: Moderator, registry: PolicyRegistry, store: JobStore, runner
             raise Overloaded(f"{queued} jobs are queued; try later", settings.load.retry_after_s)
         data = source.data if isinstance(source, Media) else None
         upload = source.path if isinstance(source, Media) and source.upload else None
-        job = await asyncio.to_thread(store.create, job_request(req, fields.frames, source),
-                                      data, webhook, request.state.caller.key, upload)
+        try:
+            job = await asyncio.to_thread(store.create, job_request(req, fields.frames, source),
+                                          data, webhook, request.state.caller.key, upload)
+        except OSError as err:            # the spool folder: full, read-only, gone
+            raise StoreUnavailable(f"cannot save the job's input ({err.strerror or err}); "
+                                   "retry later") from None
         runner.notify()
         return JobCreated(id=job.id, status=job.status)
 
@@ -241,24 +247,54 @@ def _open(judge: Judge, moderator: Moderator, store: JobStore, metrics: Metrics)
     """Routes without API keys: health for probes, metrics for scrapers on the same network."""
     router = APIRouter()
 
-    @router.get("/healthz", response_model=Health)
-    async def healthz() -> Health:
+    @router.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+    async def healthz() -> Health | JSONResponse:
+        """Readiness: the model answers and the job store can be read and written. A store
+        fault is 503 `{"status": "degraded", "store": "unavailable"}` (a load balancer sends
+        new work elsewhere; requests that reach this replica still get JSON errors or, for
+        synchronous moderation, verdicts from the policies it has)."""
         if moderator.draining:                          # load balancers: send no more
             raise Unavailable("the service is shutting down", 1)
         try:
             info = await asyncio.wait_for(judge.info(), 5.0)
         except Exception as err:
             raise Unavailable(f"model is not ready ({type(err).__name__})", 5) from None
+        if not await store_answers(store):
+            body = Health(status="degraded", model=info.model, policy_set=info.policy_set,
+                          store="unavailable")
+            return JSONResponse(body.model_dump(), status_code=503,
+                                headers={"Retry-After": str(StoreUnavailable("").retry_after_s)})
         return Health(status="ok", model=info.model, policy_set=info.policy_set)
+
+    @router.get("/livez", response_model=Health)
+    async def livez() -> Health:
+        """Liveness: the process serves HTTP (for a Kubernetes livenessProbe; restarting a
+        replica does not mend a stopped database, so the store is not asked)."""
+        return Health(status="ok")
 
     @router.get("/metrics")
     async def prometheus() -> Response:
-        counts = await asyncio.to_thread(store.counts)
-        metrics.set_depths({**moderator.depths(), "jobs": counts.get("queued", 0)})
-        metrics.set_jobs(counts)
+        try:
+            counts = await asyncio.to_thread(store.counts)
+        except StoreUnavailable:                    # still scrapeable: the outage shows
+            metrics.store_up.set(0)
+            metrics.set_depths(moderator.depths())
+        else:
+            metrics.store_up.set(1)
+            metrics.set_depths({**moderator.depths(), "jobs": counts.get("queued", 0)})
+            metrics.set_jobs(counts)
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     return router
+
+
+async def store_answers(store: JobStore, timeout_s: float = 5.0) -> bool:
+    """Whether the job store can be read now and has not failed a write just before."""
+    try:
+        await asyncio.wait_for(asyncio.to_thread(store.db.ping), timeout_s)
+    except (StoreUnavailable, TimeoutError):
+        return False
+    return True
 
 
 async def _all(calls: list[Awaitable[Verdict]]) -> list[Verdict]:

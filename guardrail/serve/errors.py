@@ -71,6 +71,16 @@ class Unavailable(ServiceError):
     http_status, kind = 503, "unavailable"
 
 
+class StoreUnavailable(Unavailable):
+    """The job store (database or spool folder) cannot be read or written right now: stopped,
+    unreachable, read-only, full. Retried later; nothing is lost."""
+
+    kind = "store_unavailable"
+
+    def __init__(self, message: str, retry_after_s: int | None = 5):
+        super().__init__(message, retry_after_s)
+
+
 class RequestTimeout(ServiceError):
     http_status, kind = 504, "timeout"
 

@@ -30,6 +30,7 @@ from guardrail.serve.errors import (
     BadRequest,
     Forbidden,
     InvalidJSON,
+    StoreUnavailable,
     Unprocessable,
     UnsupportedMediaType,
 )
@@ -214,7 +215,11 @@ async def _read_form(request: Request, schema: type[S], sources: Sources) -> tup
     if upload.size is not None and upload.size > limit:
         raise VideoTooLargeError(f"upload is {upload.size} bytes, over the limit of {limit}")
     kind: Kind = "image" if (upload.content_type or "").startswith("image/") else "video"
-    path = await asyncio.to_thread(_stream_to_file, upload.file, sources.upload_dir, limit)
+    try:
+        path = await asyncio.to_thread(_stream_to_file, upload.file, sources.upload_dir, limit)
+    except OSError as err:      # the spool folder: full, read-only, gone
+        raise StoreUnavailable(f"cannot save the upload ({err.strerror or err}); "
+                               "retry later") from None
     return fields, Media(kind, path=path, upload=True)
 
 

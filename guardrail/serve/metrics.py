@@ -37,6 +37,8 @@ class Metrics:
                              ["policy_set", "category"], registry=r)
         self.jobs = Gauge("guardrail_jobs", "Jobs in the store by status.", ["status"],
                           registry=r)
+        self.store_up = Gauge("guardrail_store_up", "1 while the job store answers, 0 while "
+                              "it cannot be read.", registry=r)
         self.webhooks = Counter("guardrail_webhook_deliveries", "Webhook delivery attempts.",
                                 ["outcome"], registry=r)
         self.reviews = Counter("guardrail_review_items", "Verdicts kept for review, and "

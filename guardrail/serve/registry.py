@@ -5,16 +5,19 @@ its file and its stored versions; requests may pin `policy_version`."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 from guardrail.errors import PolicyError, UsageError
 from guardrail.policy import PolicySet, load_policy, load_policy_text
-from guardrail.serve.errors import BadRequest, Conflict, NotFound
+from guardrail.serve.errors import BadRequest, Conflict, NotFound, StoreUnavailable
 from guardrail.serve.jobs import JobStore
 from guardrail.serve.schemas import CategoryInfo, Options, PolicyList, PolicySetInfo
 
 FRESH_S = 1.0        # how stale a replica's view of the latest versions may be
+
+log = logging.getLogger("guardrail.serve")
 
 
 class PolicyRegistry:
@@ -50,8 +53,14 @@ class PolicyRegistry:
         if version is None:
             at, row = self._latest.get(name, (0.0, None))
             if time.monotonic() - at > FRESH_S:
-                row = self.store.policy(name)
-                self._latest[name] = (time.monotonic(), row)
+                try:
+                    row = self.store.policy(name)
+                except StoreUnavailable:
+                    if not at and name not in self.sets:
+                        raise                      # never seen: nothing to serve it from
+                    log.warning("job store unavailable: policy set %r served from its last "
+                                "known version", name)
+                self._latest[name] = (time.monotonic(), row)   # asked again in FRESH_S
         else:
             key = (name, version)
             if key in self._parsed:
@@ -84,7 +93,12 @@ class PolicyRegistry:
             return []
         at, names = self._names
         if time.monotonic() - at > FRESH_S:
-            self._names = (time.monotonic(), self.store.policy_names())
+            try:
+                names = self.store.policy_names()
+            except StoreUnavailable:
+                if not at:
+                    raise
+            self._names = (time.monotonic(), names)
         return self._names[1]
 
     def file_text(self, name: str) -> str | None:
@@ -103,8 +117,14 @@ class PolicyRegistry:
         return None if pset is self.sets[self.default] else pset
 
     def label(self, name: str) -> str:
-        """A bounded metrics label: the set's name if registered, else `custom`."""
-        return name if name in self.sets or name in self._stored_names() else "custom"
+        """A bounded metrics label: the set's name if registered, else `custom` (also while
+        the store cannot say)."""
+        if name in self.sets:
+            return name
+        try:
+            return name if name in self._stored_names() else "custom"
+        except StoreUnavailable:
+            return "custom"
 
     # --- registering ------------------------------------------------------------------------
 

@@ -185,9 +185,10 @@ class PolicyList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"]
-    model: str
-    policy_set: str
+    status: Literal["ok", "degraded"]
+    model: str | None = None
+    policy_set: str | None = None
+    store: Literal["ok", "unavailable"] = "ok"
 
 
 # --- review console -----------------------------------------------------------------------------

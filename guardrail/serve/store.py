@@ -15,12 +15,16 @@ import re
 import select
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any, Protocol
 
 from guardrail.errors import UsageError
+from guardrail.serve.errors import StoreUnavailable
+
+FAULT_MEMORY_S = 10.0     # a failed write keeps the store reported unavailable this long
 
 
 class Database(Protocol):
@@ -41,6 +45,35 @@ class Database(Protocol):
     def columns(self, table: str) -> set[str]:
         ...
 
+    def ping(self) -> None:
+        """Raise StoreUnavailable when the store cannot be read, or a write failed within
+        the last FAULT_MEMORY_S seconds (a full disk or a read-only file still reads)."""
+
+
+class _Faults:
+    """Turns the driver's "cannot reach / cannot write" errors into StoreUnavailable (503
+    with Retry-After), and remembers when the last one happened for `ping`. Errors of the
+    caller's own making (a constraint, bad SQL) pass through unchanged."""
+
+    def __init__(self, transient: tuple[type[BaseException], ...]):
+        self.transient = transient
+        self.last: float | None = None
+
+    @contextmanager
+    def translated(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except self.transient as err:
+            self.last = time.monotonic()
+            detail = " ".join(str(err).split())[:160] or type(err).__name__
+            raise StoreUnavailable(f"the job store is unavailable ({what}: {detail}); "
+                                   "retry later") from err
+
+    def check(self) -> None:
+        if self.last is not None and time.monotonic() - self.last < FAULT_MEMORY_S:
+            raise StoreUnavailable("the job store failed a write in the last "
+                                   f"{FAULT_MEMORY_S:g} s; retry later")
+
 
 _TYPES = {"sqlite": {"FLOAT": "REAL", "BYTES": "BLOB"},
           "postgresql": {"FLOAT": "DOUBLE PRECISION", "BYTES": "BYTEA"}}
@@ -57,26 +90,38 @@ class SQLite:
     inputs_in_db = False
     kind = "sqlite"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, busy_timeout_s: float = 30.0):
         self.path = path
         self.url = f"sqlite:///{path}"
+        self.faults = _Faults((sqlite3.OperationalError, OSError))
+        self._busy = busy_timeout_s
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with closing(sqlite3.connect(path, timeout=30)) as db:
+        with closing(sqlite3.connect(path, timeout=busy_timeout_s)) as db:
             db.execute("PRAGMA journal_mode=WAL")
 
     @contextmanager
     def tx(self, write: bool = True) -> Iterator[Any]:
-        """One connection per call (thread-safe); writes BEGIN IMMEDIATE so claims never race."""
-        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as db:
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        """One connection per call (thread-safe); writes BEGIN IMMEDIATE so claims never race.
+        A file that cannot be opened, read or written (locked past the busy timeout, read-only,
+        disk full) is StoreUnavailable."""
+        with self.faults.translated("write" if write else "read"):
+            with closing(sqlite3.connect(self.path, timeout=self._busy,
+                                         isolation_level=None)) as db:
+                db.row_factory = sqlite3.Row
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    yield db
+                except BaseException:
+                    with suppress(sqlite3.Error):     # a failed write may have rolled back
+                        db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+
+    def ping(self) -> None:
+        with self.tx(write=False) as db:
+            db.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
+        self.faults.check()
 
     def serialize(self, conn: Any, key: str) -> None:
         """Nothing to do: BEGIN IMMEDIATE already runs writers one at a time."""
@@ -116,6 +161,7 @@ class Postgres:
                              "(pip install 'guardrail[serve]')") from None
         self.url = url
         self._psycopg, self._rows = psycopg, dict_row
+        self.faults = _Faults((psycopg.OperationalError, psycopg.InterfaceError))
         self._timeout = connect_timeout_s
         self._idle: list[Any] = []             # open connections waiting for the next tx
         self._max_idle = max_idle
@@ -171,13 +217,15 @@ class Postgres:
     @contextmanager
     def tx(self, write: bool = True) -> Iterator[Any]:
         """A pooled connection inside one transaction: committed on success, rolled back on
-        error; a connection the server dropped is discarded rather than handed out again."""
-        conn = self._take()
-        try:
-            with conn.transaction():
-                yield _PgConnection(conn)
-        finally:
-            self._give(conn)                   # closed instead unless idle and healthy
+        error; a connection the server dropped is discarded rather than handed out again. A
+        server that cannot be reached, or drops the connection, is StoreUnavailable."""
+        with self.faults.translated("write" if write else "read"):
+            conn = self._take()
+            try:
+                with conn.transaction():
+                    yield _PgConnection(conn)
+            finally:
+                self._give(conn)               # closed instead unless idle and healthy
 
     def serialize(self, conn: Any, key: str) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (key,))
@@ -187,6 +235,11 @@ class Postgres:
             conn.execute("SELECT pg_advisory_xact_lock(7240117)")   # replicas start together
             for s in schema_for(self.kind, statements):
                 conn.execute(s)
+
+    def ping(self) -> None:
+        with self.tx(write=False) as conn:
+            conn.execute("SELECT 1").fetchall()
+        self.faults.check()
 
     def columns(self, table: str) -> set[str]:
         with self.tx(write=False) as conn:
