@@ -104,19 +104,18 @@ class SQLite:
         """One connection per call (thread-safe); writes BEGIN IMMEDIATE so claims never race.
         A file that cannot be opened, read or written (locked past the busy timeout, read-only,
         disk full) is StoreUnavailable."""
-        with self.faults.translated("write" if write else "read"):
-            with closing(sqlite3.connect(self.path, timeout=self._busy,
-                                         isolation_level=None)) as db:
-                db.row_factory = sqlite3.Row
-                db.execute("PRAGMA synchronous=FULL")
-                db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                try:
-                    yield db
-                except BaseException:
-                    with suppress(sqlite3.Error):     # a failed write may have rolled back
-                        db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
+        with self.faults.translated("write" if write else "read"), closing(sqlite3.connect(
+                self.path, timeout=self._busy, isolation_level=None)) as db:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield db
+            except BaseException:
+                with suppress(sqlite3.Error):     # a failed write may have rolled back
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def ping(self) -> None:
         with self.tx(write=False) as db:
