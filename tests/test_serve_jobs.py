@@ -4,6 +4,8 @@ restart, webhook retries and delivery rules."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -314,16 +316,88 @@ def test_jobs_belong_to_the_key_that_created_them(engine, tmp_path, clip):
     assert stored.tenant.startswith("key-") and "alice" not in stored.tenant
 
 
-def test_orphan_spool_files_are_removed_at_start(tmp_path):
+def test_a_start_removes_what_ended_jobs_left_in_the_spool(tmp_path):
+    """A replica starting beside others (one spool folder): inputs or copies of ended jobs,
+    dead writers' `.part` files and old strays go; what a queued or running job uses, a live
+    writer's `.part` and a young file (an upload between its file and its row) stay."""
     store = store_for(tmp_path)
-    live = store.create({"x": 1}, b"data", None)
-    local = Path(store.input_file(live))
     spool = tmp_path / "jobs.sqlite.inputs"
-    (spool / "job-dead.part").write_bytes(b"half an upload")      # kill -9 during an upload
-    (spool / "job-finished-long-ago").write_bytes(b"x")
-    store_for(tmp_path)                                           # the service starts again
-    assert sorted(p.name for p in spool.iterdir()) == [local.name]
-    assert store.input_file(live) and Path(store.input_file(live)).read_bytes() == b"data"
+    ended, running, queued = (store.create({"n": i}, b"data%d" % i, None) for i in range(3))
+    copies = {job.id: Path(store.input_file(job)) for job in (ended, running, queued)}
+    assert store.claim("r", 60, 3).id == ended.id and store.finish(ended.id, "r", {}, None)
+    assert not copies[ended.id].exists()               # removed when the job ended ...
+    copies[ended.id].write_bytes(b"left over")         # ... but a crash can leave it
+    assert store.claim("another-replica", 60, 3).id == running.id
+    old = time.time() - 2 * 3600
+    names = {
+        f"{queued.id}.999999999-0.part": None,         # its writer died (no such pid)
+        f"{running.id}.{os.getpid()}-1.part": None,    # a live writer fetching it
+        f"{queued.id}.{os.getpid()}-2.part": old,      # a live pid, but hours old
+        "job-between-file-and-row": None, "job-stray": old}
+    for name, mtime in names.items():
+        (spool / name).write_bytes(b"x")
+        if mtime:
+            os.utime(spool / name, (mtime, mtime))
+    (spool / "uploads-999999999").mkdir()               # a dead process's uploads
+    (spool / f"uploads-{os.getpid()}").mkdir(exist_ok=True)
+    store_for(tmp_path)                                  # a replica starts
+    assert sorted(p.name for p in spool.iterdir()) == sorted([
+        running.id, queued.id, f"{running.id}.{os.getpid()}-1.part",
+        "job-between-file-and-row", f"uploads-{os.getpid()}"])
+    assert Path(store.input_file(store.get(running.id))).read_bytes() == b"data1"
+    assert Path(store.input_file(store.get(queued.id))).read_bytes() == b"data2"
+
+
+def test_a_jobs_local_file_goes_when_it_ends_or_is_handed_back(tmp_path):
+    """Finished or failed: its input file goes. Released to the queue (a stop): on PostgreSQL
+    the local copy goes too (another node may run it; the database keeps the input), on
+    SQLite the file is the input and stays."""
+    store = store_for(tmp_path)
+    done, failed, released = (store.create({"n": i}, b"data", None) for i in range(3))
+    local = {}
+    for job in (done, failed, released):
+        assert store.claim("r", 60, 3).id == job.id
+        local[job.id] = Path(store.input_file(job))
+    assert store.finish(done.id, "r", {"v": 1}, None)
+    assert store.finish(failed.id, "r", None, {"type": "x", "message": "y"})
+    store.release(released.id, "r")
+    assert not local[done.id].exists() and not local[failed.id].exists()
+    assert local[released.id].exists() == (not store.db.inputs_in_db)
+    again = store.claim("r2", 60, 3)
+    assert again.id == released.id and Path(store.input_file(again)).read_bytes() == b"data"
+    if store.db.inputs_in_db:      # its lease ran out here and another node finished it
+        store.release(released.id, "r2", count_attempt=True)
+        assert store.claim("r3", 0.01, 3).id == released.id
+        Path(store.input_file(store.get(released.id))).write_bytes(b"data")
+        time.sleep(0.05)
+        assert store.claim("r4", 60, 3).id == released.id
+        assert store.finish(released.id, "r4", {"v": 1}, None)
+        local[released.id].write_bytes(b"data")                 # r3's node's copy
+        assert not store.finish(released.id, "r3", {"v": 2}, None)
+        assert not local[released.id].exists()
+
+
+def test_the_default_spool_is_one_folder_per_store_not_per_process(tmp_path, monkeypatch):
+    settings = Jobs(db_url=DB)
+    spool = settings.spool()
+    if not settings.postgres():
+        assert spool == Path(DB.removeprefix("sqlite:///") + ".inputs")
+        return
+    other_db = DB.rsplit("/", 1)[0] + "/another_db"
+    with_password = DB.replace("postgres@", "postgres:s3cret@")
+    assert Jobs(db_url=with_password).spool() == spool and "s3cret" not in str(spool)
+    assert Jobs(db_url=other_db).spool() != spool
+    monkeypatch.setattr(os, "getpid", lambda: 4242)                # another replica
+    assert Jobs(db_url=DB).spool() == spool
+    try:
+        first, second = JobStore(DB, spool), JobStore(DB, Jobs(db_url=DB).spool())
+        job = first.create({}, b"data", None)
+        assert second.claim("r", 60, 3).id == job.id
+        assert Path(second.input_file(job)).parent == spool
+        JobStore(DB, spool)                        # a third replica starts: the copy stays
+        assert second.finish(job.id, "r", {}, None) and not any(spool.iterdir())
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
 
 
 def test_an_older_sqlite_store_gains_the_new_columns(tmp_path):

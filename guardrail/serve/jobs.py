@@ -46,6 +46,8 @@ _SCHEMA = [
 ]
 # columns added after the first release: (name, DDL type), added to older databases at start
 _ADDED = [("tenant", "TEXT")]
+ENDED = ("succeeded", "failed")
+STALE_S = 3600.0     # a spool file this old that no job claims is left over, whoever wrote it
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,9 @@ class Job:
 
 class JobStore:
     """Jobs on a database (`db`: a path, `sqlite:///path` or `postgresql://...`), uploaded
-    inputs in `spool_dir` (SQLite) or in the database (PostgreSQL)."""
+    inputs in `spool_dir` (SQLite) or in the database (PostgreSQL, with local copies of the
+    inputs of the jobs this machine runs in `spool_dir`). Replicas of one store may share the
+    spool folder; a file in it is removed once its job ends."""
 
     def __init__(self, db: str | os.PathLike, spool_dir: str | os.PathLike):
         self.db = open_database(os.fspath(db))
@@ -88,16 +92,46 @@ class JobStore:
         return self.db.tx(write)
 
     def _clean_spool(self) -> None:
-        """Remove spool files no live job needs (a crash mid-upload leaves a `.part`)."""
-        with self._tx(write=False) as db:
-            live = {r["id"] for r in db.execute(
-                "SELECT id FROM jobs WHERE status IN ('queued', 'running')").fetchall()}
-        for f in self.spool.iterdir():
-            if f.is_file() and (f.suffix == ".part" or f.name not in live):
-                with suppress(FileNotFoundError):
+        """Remove what a crash or a stop left in the spool: inputs and copies of jobs that
+        ended (or that no row names, once they are old), `.part` files of dead writers, the
+        upload folders of dead processes. Safe beside live replicas sharing the folder: a file
+        of a queued or running job is kept, and so is anything another process may be writing.
+        """
+        # NOTE: listed before the statuses are read, so a file listed belongs to a job that
+        # is already written (or to an upload between its file and its row: young, kept).
+        entries = list(self.spool.iterdir())
+        status = self._statuses([f.name for f in entries if f.is_file() and f.suffix != ".part"])
+        old = time.time() - STALE_S
+        for f in entries:
+            if f.is_dir():
+                if f.name.startswith("uploads-") and not _alive(f.name[8:]):
+                    shutil.rmtree(f, ignore_errors=True)   # a dead process's uploads
+                continue
+            with suppress(FileNotFoundError):
+                if f.suffix == ".part":
+                    stale = not _alive(_writer(f.name)) or f.stat().st_mtime < old
+                else:
+                    stale = status.get(f.name) in ENDED or (
+                        f.name not in status and f.stat().st_mtime < old)
+                if stale:
                     f.unlink()
-            elif f.is_dir() and f.name.startswith("uploads-") and not _alive(f.name[8:]):
-                shutil.rmtree(f, ignore_errors=True)       # a dead process's uploads
+
+    def _statuses(self, ids: list[str]) -> dict[str, str]:
+        """The status of each of these jobs that the store knows."""
+        found: dict[str, str] = {}
+        with self._tx(write=False) as db:
+            for i in range(0, len(ids), 500):
+                part = ids[i:i + 500]
+                rows = db.execute(f"SELECT id, status FROM jobs WHERE id IN "
+                                  f"({', '.join('?' * len(part))})", tuple(part)).fetchall()
+                found.update((r["id"], r["status"]) for r in rows)
+        return found
+
+    def _drop_copy(self, job_id: str) -> None:
+        """Remove this machine's copy of a job's input (PostgreSQL; the database keeps it)."""
+        assert self.db.inputs_in_db, "on SQLite the spool file is the input itself"
+        with suppress(FileNotFoundError):
+            os.unlink(self.spool / job_id)
 
     # --- jobs ---------------------------------------------------------------------------------
 
@@ -159,18 +193,24 @@ class JobStore:
         return cur.rowcount == 1
 
     def release(self, job_id: str, owner: str, count_attempt: bool = False) -> None:
-        """Back to queued (shutdown, or a full engine): another run picks it up."""
+        """Back to queued (shutdown, or a full engine): another run picks it up, here or on
+        another node, so the local copy of its input (PostgreSQL) goes."""
         undo = 0 if count_attempt else 1
         with self._tx() as db:
-            db.execute("UPDATE jobs SET status = 'queued', owner = NULL, lease_until = NULL, "
-                       "attempts = attempts - ?, updated_at = ? WHERE id = ? AND owner = ? AND "
-                       "status = 'running'", (undo, time.time(), job_id, owner))
+            cur = db.execute("UPDATE jobs SET status = 'queued', owner = NULL, lease_until = "
+                             "NULL, attempts = attempts - ?, updated_at = ? WHERE id = ? AND "
+                             "owner = ? AND status = 'running'",
+                             (undo, time.time(), job_id, owner))
+            if cur.rowcount == 1 and self.db.inputs_in_db:
+                self._drop_copy(job_id)    # before the commit: the job is still only ours
 
     def finish(self, job_id: str, owner: str, verdict: dict | None, error: dict | None) -> bool:
         """Record the result if this runner still holds the job; False if it lost it."""
         with self._tx() as db:
             row = db.execute("SELECT owner, status FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None or row["owner"] != owner or row["status"] != "running":
+                if self.db.inputs_in_db and (row is None or row["status"] in ENDED):
+                    self._drop_copy(job_id)  # it ended elsewhere (its lease ran out here)
                 return False
             self._end(db, job_id, verdict, error, time.time())
         return True
@@ -291,7 +331,7 @@ def _load(text: str | None) -> dict | None:
 
 
 def _move_durably(src: str, path: str) -> None:
-    tmp = path + ".part"
+    tmp = _part(path)
     shutil.move(src, tmp)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
@@ -299,12 +339,24 @@ def _move_durably(src: str, path: str) -> None:
 
 
 def _write_durably(path: str, data: bytes) -> None:
-    tmp = path + ".part"
+    tmp = _part(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _part(path: str) -> str:
+    """A file to write `path` into, this writer's own (replicas may fetch one job's copy at
+    once): `<path>.<pid>-<random>.part`."""
+    return f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part"
+
+
+def _writer(part_name: str) -> str:
+    """The pid in a `_part` name ('' for a name without one)."""
+    middle = part_name.removesuffix(".part").rpartition(".")[2]
+    return middle.partition("-")[0]
 
 
 def _alive(pid: str) -> bool:

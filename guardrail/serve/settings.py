@@ -88,7 +88,9 @@ class Jobs(_Settings):
     db_path: str = Field("guardrail-jobs.sqlite", description="SQLite file when db_url is not "
                          "set; created if missing.")
     spool_dir: str | None = Field(None, description="Uploaded job inputs (SQLite) or local "
-                                  "copies of them (PostgreSQL); default <db>.inputs.")
+                                  "copies of them (PostgreSQL); default <db>.inputs (SQLite), "
+                                  "<tempdir>/guardrail-job-inputs-<hash of the URL> (PostgreSQL: "
+                                  "one folder the replicas on a machine share).")
     workers: int = Field(1, ge=0, description="Jobs run at once per ingress (0: accept only).")
     max_queued: int = Field(1000, ge=1, description="Queued jobs before POST /v1/jobs is 429.")
     lease_s: float = Field(30.0, gt=0, description="A running job not renewed this long resumes.")
@@ -113,10 +115,21 @@ class Jobs(_Settings):
         return self.url().startswith(("postgresql://", "postgres://"))
 
     def spool(self) -> Path:
+        """Where uploads wait and job inputs live (SQLite) or are copied to (PostgreSQL). One
+        folder per store, the same for every replica and restart, so a start cleans up what an
+        earlier process left behind."""
         if self.spool_dir:
             return Path(self.spool_dir)
-        if self.postgres():          # local copies only, one folder per process
-            return Path(tempfile.gettempdir()) / f"guardrail-job-inputs-{os.getpid()}"
+        if self.postgres():          # local copies only: one folder per database
+            import hashlib
+            from urllib.parse import parse_qsl, urlencode, urlsplit
+
+            u = urlsplit(self.url())
+            netloc = f"{u.username or ''}@{u.netloc.rpartition('@')[2]}"
+            query = urlencode([(k, v) for k, v in parse_qsl(u.query) if k != "password"])
+            key = f"{u.scheme}://{netloc}{u.path}?{query}"     # no password in the name
+            digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+            return Path(tempfile.gettempdir()) / f"guardrail-job-inputs-{digest}"
         return Path(self.url().removeprefix("sqlite:///") + ".inputs")
 
 
