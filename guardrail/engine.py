@@ -73,6 +73,8 @@ class EngineConfig:
     decoder: str = "auto"          # video decoder: auto | decord | pyav
     calibration: str | None = None  # None/"off" | "auto" (beside the policy file, else
     #                                 <model>/calibration/<set>.json) | a calibration file
+    max_prompt_tokens: int | None = None  # a window's whole prompt (policies + video), below
+    #                                       the model's context: a cost budget (None: context)
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -84,6 +86,8 @@ class EngineConfig:
                              f"{', '.join(STYLES)}")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise UsageError("max_new_tokens and batch_size must be at least 1")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise UsageError("max_prompt_tokens must be at least 1")
         if self.layout == "isolated" and self.keep_ratio < 1.0:
             raise UsageError("keep_ratio below 1 needs the policies in the prompt before the "
                              "verdict; the isolated layout reads each policy in its own branch "
@@ -312,6 +316,8 @@ class GuardEngine:
         forward; safe to run beside one."""
         t0 = time.perf_counter()
         inputs = [self.adapter.video_inputs(c) for c in clips]
+        for v in inputs:
+            self._check_window(v.ids.numel())
         return inputs, [self.layout(v) for v in inputs], (time.perf_counter() - t0) * 1e3
 
     def _run(self, prepared: tuple[list[VideoInputs], list[tuple], float]
@@ -420,15 +426,35 @@ class GuardEngine:
             ids.add(im_end)
         return ids
 
+    def _prompt_limit(self) -> tuple[int | None, str]:
+        """The most tokens one window's prompt may take, and what sets it."""
+        context = getattr(self.adapter, "context_length", None)
+        budget = self.config.max_prompt_tokens
+        if budget is not None and (context is None or budget < context):
+            return budget, f"this server's prompt budget is {budget:,} tokens"
+        return context, f"the model's context is {context:,} tokens"
+
     def _check_fits(self) -> None:
-        """Refuse a policy set whose prompt cannot fit the model's context, before any tensor
-        is built (a 900 KB policy once asked the layout for 810 GB)."""
-        limit = getattr(self.adapter, "context_length", None)
+        """Refuse a policy set whose prompt cannot fit the model's context (or the prompt
+        budget), before any tensor is built (a 900 KB policy once asked the layout for 810 GB;
+        a 32 K-token one stalled a server for minutes)."""
+        limit, why = self._prompt_limit()
         need = self.tokens.text_tokens
         if limit is not None and need >= limit:
             raise PromptTooLongError(
                 f"policy set {self.policies.name!r}: the prompt needs {need:,} tokens before the "
-                f"video (layout {self.config.layout}); the model's context is {limit:,} tokens")
+                f"video (layout {self.config.layout}); {why}")
+
+    def _check_window(self, video_tokens: int) -> None:
+        """Refuse a window whose prompt (policies + its video tokens) is over the budget,
+        before the model sees it."""
+        limit, why = self._prompt_limit()
+        need = self.tokens.text_tokens + video_tokens
+        if limit is not None and need > limit:
+            raise PromptTooLongError(
+                f"a window's prompt needs {need:,} tokens ({self.tokens.text_tokens:,} of "
+                f"policies and text, {video_tokens:,} of video); {why}: judge fewer frames "
+                "per window or a shorter policy set")
 
     def _tokenize(self) -> PromptTokens:
         enc = self.adapter.encode_text

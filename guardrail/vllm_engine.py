@@ -275,6 +275,12 @@ class VllmEngine(GuardEngine):
         probes = [len(p) for p in self.tokens.probes]
         tails = [b + p for b, p in zip(branches, probes, strict=True)] if branches else probes
         need = head + max(tails)
+        budget = self.config.max_prompt_tokens
+        if budget is not None and budget < self.context_length and need >= budget:
+            raise PromptTooLongError(
+                f"policy set {self.policies.name!r}: a request needs {need:,} tokens before the "
+                f"video (layout {self.config.layout}); this server's prompt budget is "
+                f"{budget:,} tokens")
         if need >= self.context_length:
             raise PromptTooLongError(
                 f"policy set {self.policies.name!r}: a request needs {need:,} tokens before the "

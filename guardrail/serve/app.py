@@ -101,12 +101,15 @@ def build_app(judge: Judge, settings: ServiceSettings | None = None
     app = FastAPI(title="guardrail", version="1", lifespan=lifespan)
     install_error_handlers(app)
     upload = settings.limits.max_body_bytes
+    load = settings.load
     app.add_middleware(BodyLimit, routes=(                        # everything else: 4 KB
         ("POST", "/v1/moderate", upload), ("POST", "/v1/moderations", upload),
-        ("POST", "/v1/jobs", upload), ("PUT", "/v1/policies/", MAX_POLICY_BYTES + 4096)))
-    app.add_middleware(Admission, moderator=moderator, paths=ADMITTED)   # outermost: first
-    app.middleware("http")(_observe(metrics))
+        ("POST", "/v1/jobs", upload), ("PUT", "/v1/policies/", MAX_POLICY_BYTES + 4096)),
+        timeout_s=load.body_timeout_s, min_rate=load.min_body_rate)
     keys, admins = settings.keys(), settings.admins()
+    app.add_middleware(Admission, moderator=moderator, paths=ADMITTED,    # outermost: first
+                       caller=_caller_of(keys))
+    app.middleware("http")(_observe(metrics))
     review_auth = _auth(keys, admins, cookie=True)
     app.include_router(review_api(reviews, review_auth))                   # before /v1
     app.include_router(_api(moderator, registry, store, runner, settings),
@@ -274,6 +277,7 @@ def _open(judge: Judge, moderator: Moderator, store: JobStore, metrics: Metrics)
 
     @router.get("/metrics")
     async def prometheus() -> Response:
+        metrics.decoded.set(moderator.memory.used)
         try:
             counts = await asyncio.to_thread(store.counts)
         except StoreUnavailable:                    # still scrapeable: the outage shows
@@ -345,6 +349,24 @@ def _auth(keys: frozenset[str], admins: frozenset[str], cookie: bool = False) ->
         admin = any(hmac.compare_digest(token.encode(), k.encode()) for k in admins)
         request.state.caller = Caller(key_id(token), admin)
     return check
+
+
+def _caller_of(keys: frozenset[str]) -> Callable[[dict], str]:
+    """Who a request counts against for in-flight slots, read from its headers before the
+    body: a valid API key's id; every request without one shares one bucket ("anonymous"). A
+    service without keys (loopback only) counts by client address."""
+    def caller(scope: dict) -> str:
+        if not keys:
+            client = scope.get("client")
+            return client[0] if client else "unknown"
+        value = dict(scope.get("headers", ())).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = value.partition(" ")
+        token = token.strip()
+        if scheme.lower() == "bearer" and any(hmac.compare_digest(token.encode(), k.encode())
+                                              for k in keys):
+            return key_id(token)
+        return "anonymous"
+    return caller
 
 
 def _observe(metrics: Metrics) -> Callable:

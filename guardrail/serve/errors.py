@@ -55,6 +55,12 @@ class UnsupportedMediaType(ServiceError):
     http_status, kind = 415, "unsupported_media"
 
 
+class BodyTimeout(ServiceError):
+    """The request body did not arrive in time (too slow, or stalled)."""
+
+    http_status, kind = 408, "request_timeout"
+
+
 class Unprocessable(ServiceError):
     http_status, kind = 422, "invalid_request"
 
@@ -107,6 +113,8 @@ def error_response(err: BaseException) -> JSONResponse:
         headers["Retry-After"] = str(int(retry if retry is not None else 1))
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
+    if status == 408:                     # the rest of the body is not read: hang up
+        headers["Connection"] = "close"
     return JSONResponse(error_body(kind, message), status_code=status, headers=headers)
 
 

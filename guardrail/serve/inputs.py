@@ -13,6 +13,7 @@ import binascii
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,15 +158,20 @@ class Sources:
             raise Unprocessable(f"could not fetch the video URL ({type(err).__name__})") from None
         return Media(source.kind, b"".join(chunks))
 
-    def decode(self, media: Media, frames: int | None) -> Video:
-        """Blocking: decode the sampled frames (run it off the event loop)."""
+    def decode(self, media: Media, frames: int | None,
+               reserve: Callable[[int], None] | None = None) -> Video:
+        """Blocking: decode the sampled frames (run it off the event loop). `reserve(nbytes)`
+        takes the decoded frames' bytes from a memory budget before they are decoded."""
         limits = self.limits.video_limits()
         if media.kind == "image":
             data = media.data if media.data is not None else _read(media.path, limits.max_bytes)
-            return image_as_video(data, limits)
+            video = image_as_video(data, limits)
+            if reserve is not None:
+                reserve(video.clips[0].frames.nbytes)
+            return video
         source = media.data if media.data is not None else media.path
         return load_video(source, self.settings.sampling_config(frames), limits,
-                          self.settings.decoder)
+                          self.settings.decoder, reserve)
 
 
 def _read(path: str | None, limit: int) -> bytes:

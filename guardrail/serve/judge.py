@@ -172,7 +172,8 @@ def load_engine(settings: ServiceSettings) -> GuardEngine:
         max_new_tokens=settings.max_new_tokens, keep_ratio=settings.keep_ratio,
         pruning_mode=settings.pruning_mode, batch_size=settings.batch_size,
         sampling=settings.sampling_config(), limits=settings.limits.video_limits(),
-        decoder=settings.decoder, engine=settings.engine, vllm=settings.vllm or None)
+        decoder=settings.decoder, engine=settings.engine, vllm=settings.vllm or None,
+        max_prompt_tokens=settings.limits.max_prompt_tokens)
 
 
 class LocalJudge:

@@ -1,6 +1,7 @@
-"""Admission before the body: a request is admitted (an in-flight slot, `Content-Length` within
-the limit) before a byte of its body is read, and its size is enforced while the body streams
-in (not after it is buffered). A full server answers 429 at once, however large the upload."""
+"""Admission before the body: a request is admitted (an in-flight slot, one of its caller's
+share of them, `Content-Length` within the limit) before a byte of its body is read, and its
+size and pace are enforced while the body streams in (not after it is buffered). A full server
+answers 429 at once, however large the upload; a body that trickles in is 408 within seconds."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import asyncio
 import ctypes
 import ctypes.util
 import functools
+import time
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from guardrail.serve.errors import PayloadTooLarge, error_response
+from guardrail.serve.errors import BodyTimeout, PayloadTooLarge, error_response
 
 TRIM_AFTER_BYTES = 32 << 20
 
@@ -31,6 +34,7 @@ def release_memory() -> None:
 
 
 SMALL_BODY = 4096   # sign-in, review decisions and every other small JSON route
+GRACE_S = 5.0       # a body may take this long before its pace is held to the minimum rate
 
 
 class BodyLimit:
@@ -41,10 +45,12 @@ class BodyLimit:
     server hold megabytes."""
 
     def __init__(self, app: ASGIApp, max_bytes: int = SMALL_BODY,
-                 routes: tuple[tuple[str, str, int], ...] = ()):
+                 routes: tuple[tuple[str, str, int], ...] = (), timeout_s: float = 60.0,
+                 min_rate: int = 16384):
         self.app = app
         self.max_bytes = max_bytes
         self.routes = routes
+        self.pace = Pace(timeout_s, min_rate)
 
     def _limit(self, scope: Scope) -> int:
         method, path = scope.get("method", ""), scope.get("path", "")
@@ -63,13 +69,22 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await error_response(self._error(limit))(scope, receive, send)
             return
-        seen = 0
+        seen, done = 0, False
+        start = time.monotonic()
+        expected = int(declared) if declared is not None and declared.isdigit() else None
 
         async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, done
+            if done:                             # the body is in: waits for a disconnect
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(),
+                                                 self.pace.wait(start, seen, expected))
+            except TimeoutError:
+                raise self.pace.error(seen) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                done = not message.get("more_body", False)
                 if seen > limit:
                     raise self._error(limit)
             return message
@@ -85,12 +100,36 @@ class BodyLimit:
         return PayloadTooLarge(f"request body is over the limit of {limit} bytes")
 
 
+class Pace:
+    """How long a request body may take: after GRACE_S it must keep up `min_rate` bytes/s on
+    average (a body dripped in a byte at a time is cut off within seconds), and it must be in
+    within `timeout_s` plus the time its declared length takes at `min_rate`."""
+
+    def __init__(self, timeout_s: float, min_rate: int):
+        self.timeout_s, self.min_rate = timeout_s, min_rate
+
+    def wait(self, start: float, seen: int, expected: int | None) -> float:
+        """Seconds the next piece of body may take to arrive."""
+        end = start + self.timeout_s + ((expected or 0) / self.min_rate if self.min_rate else 0)
+        if self.min_rate:
+            end = min(end, start + GRACE_S + seen / self.min_rate)
+        return max(end - time.monotonic(), 0.001)
+
+    def error(self, seen: int) -> BodyTimeout:
+        return BodyTimeout(f"the request body arrived too slowly ({seen} bytes so far; it must "
+                           f"keep up {self.min_rate} bytes/s after {GRACE_S:g} s and arrive "
+                           f"within {self.timeout_s:g} s plus its length at that rate)")
+
+
 class Admission:
     """Holds one of `moderator`'s in-flight slots for the whole of each moderation request
-    (POST to `paths`), taken before the body is read; 429 with Retry-After when none is free."""
+    (POST to `paths`), taken before the body is read; 429 with Retry-After when none is free,
+    or when the caller (`caller(scope)`: its API key, else its address) already holds its
+    share."""
 
-    def __init__(self, app: ASGIApp, moderator, paths: frozenset[str]):
-        self.app, self.moderator, self.paths = app, moderator, paths
+    def __init__(self, app: ASGIApp, moderator, paths: frozenset[str],
+                 caller: Callable[[Scope], str]):
+        self.app, self.moderator, self.paths, self.caller = app, moderator, paths, caller
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST" or \
@@ -98,7 +137,7 @@ class Admission:
             await self.app(scope, receive, send)
             return
         try:
-            slot = self.moderator.admitted()
+            slot = self.moderator.admitted(self.caller(scope))
             slot.__enter__()
         except Exception as err:            # Overloaded: answered before the body is read
             await error_response(err)(scope, receive, send)

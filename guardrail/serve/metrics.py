@@ -39,6 +39,8 @@ class Metrics:
                           registry=r)
         self.store_up = Gauge("guardrail_store_up", "1 while the job store answers, 0 while "
                               "it cannot be read.", registry=r)
+        self.decoded = Gauge("guardrail_decoded_frame_bytes", "Bytes of decoded frames held "
+                             "now (load.decode_memory_bytes is the budget).", registry=r)
         self.webhooks = Counter("guardrail_webhook_deliveries", "Webhook delivery attempts.",
                                 ["outcome"], registry=r)
         self.reviews = Counter("guardrail_review_items", "Verdicts kept for review, and "

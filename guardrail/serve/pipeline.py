@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
+from collections import Counter
 from contextlib import contextmanager
 
+from guardrail.errors import VideoTooLargeError
 from guardrail.serve.errors import BadRequest, Overloaded, RequestTimeout, Unavailable
 from guardrail.serve.inputs import Source, Sources
 from guardrail.serve.judge import Judge, JudgeRequest
@@ -36,24 +39,35 @@ class Moderator:
         self.metrics = metrics
         self.sources = Sources(settings)
         self.inflight = 0
+        self.by_caller: Counter[str] = Counter()
         self.draining = False
+        self.memory = MemoryBudget(settings.load.decode_memory_bytes, settings.load.retry_after_s)
         self._decoders = asyncio.Semaphore(settings.load.decode_workers)
 
     @contextmanager
-    def admitted(self):
-        """A slot for one request, or 429 when `load.max_inflight` are already in (503 while
-        the service drains for shutdown)."""
+    def admitted(self, caller: str = ""):
+        """A slot for one request, or 429 when `load.max_inflight` are already in, or when
+        `caller` (an API key's id, or a client address) holds `load.max_inflight_per_key` of
+        them (503 while the service drains for shutdown)."""
+        load = self.settings.load
         if self.draining:
             raise Unavailable("the service is shutting down; retry on another replica",
-                              self.settings.load.retry_after_s)
-        if self.inflight >= self.settings.load.max_inflight:
+                              load.retry_after_s)
+        if self.inflight >= load.max_inflight:
             raise Overloaded(f"server is busy ({self.inflight} requests in flight)",
-                             self.settings.load.retry_after_s)
+                             load.retry_after_s)
+        if self.by_caller[caller] >= load.max_inflight_per_key:
+            raise Overloaded(f"this key already has {self.by_caller[caller]} requests in "
+                             "flight (load.max_inflight_per_key)", load.retry_after_s)
         self.inflight += 1
+        self.by_caller[caller] += 1
         try:
             yield
         finally:
             self.inflight -= 1
+            self.by_caller[caller] -= 1
+            if not self.by_caller[caller]:
+                del self.by_caller[caller]
 
     async def drain(self, timeout_s: float) -> int:
         """Take no new requests; wait for the in-flight ones (up to `timeout_s`). Returns how
@@ -90,10 +104,11 @@ class Moderator:
                    ) -> tuple[Verdict, Video]:
         media = await self.sources.fetch(source)
         t0 = time.perf_counter()
-        async with self._decoders:
-            video = await asyncio.to_thread(self.sources.decode, media, frames)
-        decode_ms = (time.perf_counter() - t0) * 1e3
-        verdict = await self.judge.check(video, request)
+        with self.memory.lease() as lease:       # the frames' bytes, until the verdict
+            async with self._decoders:
+                video = await asyncio.to_thread(self.sources.decode, media, frames, lease.take)
+            decode_ms = (time.perf_counter() - t0) * 1e3
+            verdict = await self.judge.check(video, request)
         timing = verdict.timing_ms
         verdict = verdict.model_copy(update={"timing_ms": timing.model_copy(update={
             "decode_video": timing.decode_video + decode_ms, "total": timing.total + decode_ms})})
@@ -103,6 +118,59 @@ class Moderator:
     def depths(self) -> dict[str, int]:
         review = self.recorder.pending() if self.recorder else 0
         return {"requests": self.inflight, "engine": self.judge.depth(), "review": review}
+
+
+class MemoryBudget:
+    """Bytes of decoded frames this process holds at once. Each moderation takes a `lease`;
+    the decoder takes the frames' bytes from it just before decoding them (`take`, from a
+    worker thread), and they are given back when the lease ends (the verdict is out). A take
+    that would go over the budget is 429 with Retry-After, never an out-of-memory kill."""
+
+    def __init__(self, total: int, retry_after_s: int):
+        self.total, self.retry_after_s = total, retry_after_s
+        self.used = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def lease(self):
+        lease = _Lease(self)
+        try:
+            yield lease
+        finally:
+            lease.close()
+
+    def _take(self, nbytes: int) -> None:
+        if nbytes > self.total:
+            raise VideoTooLargeError(f"this video's decoded frames take {_mib(nbytes)}, over "
+                                     f"the server's whole decode budget of {_mib(self.total)}:"
+                                     " ask for fewer frames")
+        with self._lock:
+            if self.used + nbytes > self.total:
+                raise Overloaded(f"decoded frames in memory are at the budget ({_mib(self.used)}"
+                                 f" of {_mib(self.total)} in use; this video needs "
+                                 f"{_mib(nbytes)})", self.retry_after_s)
+            self.used += nbytes
+
+    def _give(self, nbytes: int) -> None:
+        with self._lock:
+            self.used -= nbytes
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.1f} MiB"
+
+
+class _Lease:
+    def __init__(self, budget: MemoryBudget):
+        self.budget, self.held = budget, 0
+
+    def take(self, nbytes: int) -> None:
+        self.budget._take(nbytes)
+        self.held += nbytes
+
+    def close(self) -> None:
+        self.budget._give(self.held)
+        self.held = 0
 
 
 class Recorder:

@@ -31,14 +31,17 @@ class FrameDecoder(Protocol):
     num_frames: int  # frames the decoder indexed in the stream (0: it cannot tell)
 
     def __init__(self, source: _Source, info: VideoInfo, deadline: _Deadline,
-                 timeline: Timeline) -> None: ...
+                 timeline: Timeline, size: tuple[int, int] | None = None) -> None:
+        """`size`: (width, height) to decode frames to (scaled while decoding); None: the
+        video's own size."""
+        ...
 
     @staticmethod
     def available() -> bool: ...
 
     def read(self, indices: Sequence[int]) -> np.ndarray:
-        """Frames [len(indices), H, W, 3] uint8 RGB; an index past the last decodable frame
-        gives the last decodable frame."""
+        """Frames [len(indices), H, W, 3] uint8 RGB at the decoder's size; an index past the
+        last decodable frame gives the last decodable frame."""
         ...
 
     def close(self) -> None: ...
@@ -56,14 +59,15 @@ class DecordDecoder:
     name: ClassVar[str] = "decord"
 
     def __init__(self, source: _Source, info: VideoInfo, deadline: _Deadline,
-                 timeline: Timeline) -> None:
+                 timeline: Timeline, size: tuple[int, int] | None = None) -> None:
         import decord  # noqa: F401 - imported here once, so that forked children have it
 
         self._deadline = deadline
         ctx = multiprocessing.get_context("fork")
         self._conn, child = ctx.Pipe()
-        self._worker = ctx.Process(target=_decord_worker, args=(child, self._conn, source),
-                                   daemon=True)
+        scaled = size if size is not None and size != (info.width, info.height) else None
+        self._worker = ctx.Process(target=_decord_worker,
+                                   args=(child, self._conn, source, scaled), daemon=True)
         self._worker.start()
         child.close()
         self.num_frames = self._reply("opening the video")
@@ -103,15 +107,18 @@ class DecordDecoder:
         return value
 
 
-def _decord_worker(conn: Connection, parent_end: Connection, source: _Source) -> None:
-    """Child process: open the video, reply with its frame count, then answer each list of
-    indices with frames [N, H, W, 3] until the parent hangs up. Replies are (ok, value)."""
+def _decord_worker(conn: Connection, parent_end: Connection, source: _Source,
+                   size: tuple[int, int] | None) -> None:
+    """Child process: open the video (scaled to `size` while decoding, if given), reply with
+    its frame count, then answer each list of indices with frames [N, H, W, 3] until the
+    parent hangs up. Replies are (ok, value)."""
     parent_end.close()  # forked copy; closed so that recv() sees EOF when the parent goes
     faulthandler.disable()  # a crash here is expected; the parent reports it
     try:
         import decord
 
-        reader = decord.VideoReader(source.open(), decord.cpu(0))
+        width, height = size or (-1, -1)
+        reader = decord.VideoReader(source.open(), decord.cpu(0), width=width, height=height)
         last = len(reader) - 1
         conn.send((True, len(reader)))
         while True:
@@ -131,8 +138,9 @@ class PyAVDecoder:
     name: ClassVar[str] = "pyav"
 
     def __init__(self, source: _Source, info: VideoInfo, deadline: _Deadline,
-                 timeline: Timeline) -> None:
-        self._source, self._info, self._deadline = source, info, deadline
+                 timeline: Timeline, size: tuple[int, int] | None = None) -> None:
+        self._source, self._deadline = source, deadline
+        self._size = size or (info.width, info.height)
         # [F] sorted packet pts, ranks of keyframes among them, whether packets carry pts at all
         self._timeline = timeline
         self._pts, self._keys = timeline.pts, timeline.keyframes
@@ -153,8 +161,8 @@ class PyAVDecoder:
                 self._pos, self._last = self._index_of(frame), frame
             if self._last is None:
                 raise VideoError("no decodable video frames")
-            out[i] = self._last.to_ndarray(  # same size as probed even if the stream changes size
-                format="rgb24", width=self._info.width, height=self._info.height)
+            width, height = self._size  # kept even if the stream changes size midway
+            out[i] = self._last.to_ndarray(format="rgb24", width=width, height=height)
         return np.stack([out[i] for i in indices])
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -37,6 +38,8 @@ from guardrail.video.types import (
 )
 from guardrail.video.validate import _agree, _check_limits, _check_size, _probe_header
 
+Reserve = Callable[[int], None]   # takes bytes from a memory budget; raises to refuse
+
 # Frozen, hence safe to share as argument defaults.
 _DEFAULT_SAMPLING, _DEFAULT_LIMITS = SamplingConfig(), VideoLimits()
 
@@ -48,10 +51,15 @@ def probe(source: VideoSource, limits: VideoLimits = _DEFAULT_LIMITS, backend: s
 
 
 def load_video(source: VideoSource, sampling: SamplingConfig = _DEFAULT_SAMPLING,
-               limits: VideoLimits = _DEFAULT_LIMITS, backend: str = "auto") -> Video:
+               limits: VideoLimits = _DEFAULT_LIMITS, backend: str = "auto",
+               reserve: Reserve | None = None) -> Video:
     """Decode the frames `sampling` picks in each window. `auto` tries decord, then PyAV if
-    decord cannot open or decode the video. Frames shared by overlapping windows decode once."""
-    return _load(source, sampling, limits, backend)
+    decord cannot open or decode the video. Frames shared by overlapping windows decode once.
+    Frames larger than `limits.max_decode_pixels` are scaled down while decoding; frames over
+    `limits.max_decoded_bytes` in all are VideoTooLargeError before any is decoded, and
+    `reserve(nbytes)` (a memory budget shared with other work) is called with their size just
+    before they are decoded (it raises to refuse)."""
+    return _load(source, sampling, limits, backend, reserve=reserve)
 
 
 def plan_video(source: VideoSource, sampling: SamplingConfig = _DEFAULT_SAMPLING,
@@ -97,16 +105,17 @@ def image_as_video(image: np.ndarray | bytes, limits: VideoLimits = _DEFAULT_LIM
 
 
 def _load(source: VideoSource, sampling: SamplingConfig | None, limits: VideoLimits,
-          backend: str, read: bool = True) -> Video:
+          backend: str, read: bool = True, reserve: Reserve | None = None) -> Video:
     names = _backends(backend)
     deadline = _Deadline(limits.timeout_s)
+    reserve = _once(reserve) if reserve is not None else None    # one video, one reservation
     src = _resolve(source, limits)
     header = _probe_header(src, limits, deadline)
     timeline = read_timeline(src, deadline, header.fps, header.duration_s)
     for name in names:
         try:
             return _decode_with(DECODERS[name], src, header, timeline, sampling, limits,
-                                deadline, read)
+                                deadline, read, reserve)
         except (VideoTimeoutError, VideoTooLargeError):
             raise
         except VideoError:
@@ -117,11 +126,13 @@ def _load(source: VideoSource, sampling: SamplingConfig | None, limits: VideoLim
 
 def _decode_with(decoder_cls: type[FrameDecoder], src: _Source, header: VideoInfo,
                  timeline: Timeline, sampling: SamplingConfig | None, limits: VideoLimits,
-                 deadline: _Deadline, read: bool = True) -> Video:
+                 deadline: _Deadline, read: bool = True, reserve: Reserve | None = None
+                 ) -> Video:
     """Open `src` with one decoder, settle frame count and duration, decode what `sampling`
     picks (for coverage, after a pass over every frame that finds the shots)."""
+    size = limits.decode_size(header.width, header.height)
     with _translate(f"{decoder_cls.name} could not decode the video"):
-        decoder = decoder_cls(src, header, deadline, timeline)
+        decoder = decoder_cls(src, header, deadline, timeline, size)
         try:
             info = _settle(header, timeline, decoder.num_frames, decoder_cls.name)
             _require(info.num_frames > 0, "no video frames", VideoError)
@@ -142,6 +153,8 @@ def _decode_with(decoder_cls: type[FrameDecoder], src: _Source, header: VideoInf
             else:
                 windows = plan_windows(info, sampling, times)
             wanted = sorted({i for window in windows for i in window.indices})
+            if read:
+                _budget(len(wanted), size, limits, reserve)
             frames = (decoder.read(wanted) if read else    # [len(wanted), H, W, 3]
                       np.zeros((len(wanted), 0, 0, 3), np.uint8))
             deadline.check("decoding")
@@ -150,6 +163,31 @@ def _decode_with(decoder_cls: type[FrameDecoder], src: _Source, header: VideoInf
     row = {index: r for r, index in enumerate(wanted)}
     clips = tuple(Clip(w, frames[[row[i] for i in w.indices]], info.fps) for w in windows)
     return Video(info, clips, sampling.mode, shots, warnings)
+
+
+def _once(reserve: Reserve) -> Reserve:
+    """`reserve` asked only for bytes not asked for before (a decoder that fails after its
+    reservation hands over to the next, which needs the same frames)."""
+    taken = 0
+
+    def more(nbytes: int) -> None:
+        nonlocal taken
+        if nbytes > taken:
+            reserve(nbytes - taken)
+            taken = nbytes
+    return more
+
+
+def _budget(count: int, size: tuple[int, int], limits: VideoLimits,
+            reserve: Reserve | None) -> None:
+    """Refuse frames over the per-video budget, then take their bytes from `reserve`'s."""
+    width, height = size
+    nbytes = count * width * height * 3
+    _require(nbytes <= limits.max_decoded_bytes, f"{count} frames of {width}x{height} take "
+             f"{nbytes >> 20} MiB decoded, over the limit of {limits.max_decoded_bytes >> 20} "
+             "MiB: ask for fewer frames", VideoTooLargeError)
+    if reserve is not None:
+        reserve(nbytes)
 
 
 def _settle(header: VideoInfo, timeline: Timeline, counted: int, backend: str) -> VideoInfo:
@@ -175,12 +213,18 @@ def _image_array(image: np.ndarray) -> np.ndarray:
 
 
 def _decode_image(data: bytes, limits: VideoLimits) -> tuple[np.ndarray, str, int]:
+    """RGB pixels of an encoded image, scaled down to `limits.max_decode_pixels` (JPEG: while
+    decoding)."""
     _require(0 < len(data) <= limits.max_bytes, f"image is {len(data)} bytes; it must be 1 to "
              f"{limits.max_bytes}", VideoTooLargeError if data else UnsupportedVideoError)
     try:
         with Image.open(io.BytesIO(data)) as img:
             _check_size(*img.size, limits)
-            return np.asarray(img.convert("RGB")), (img.format or "unknown").lower(), len(data)
+            size, fmt = limits.decode_size(*img.size), (img.format or "unknown").lower()
+            if size != img.size:
+                img.draft("RGB", size)           # JPEG: decode at a fraction of the size
+                img = img.convert("RGB").resize(size, Image.Resampling.BILINEAR)
+            return np.asarray(img.convert("RGB")), fmt, len(data)
     except VideoError:
         raise
     except Image.DecompressionBombError as err:

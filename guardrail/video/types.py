@@ -27,10 +27,24 @@ class VideoLimits:
     max_pixels: int = 8192 * 8192  # per frame, width * height
     max_frames: int = 10_000_000  # frame count sanity cap
     timeout_s: float = 60.0  # wall-clock bound on probing + decoding one video
+    # Frames are scaled down while decoding to at most this many pixels (1080p's count: the
+    # models' processors resize to well under it), so a full-size copy of a larger frame is
+    # never held; and the decoded frames of one video may take at most max_decoded_bytes.
+    max_decode_pixels: int = 1920 * 1080
+    max_decoded_bytes: int = 4 << 30
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_duration_s", "max_pixels", "max_frames", "timeout_s"):
+        for name in ("max_bytes", "max_duration_s", "max_pixels", "max_frames", "timeout_s",
+                     "max_decode_pixels", "max_decoded_bytes"):
             _require(getattr(self, name) > 0, f"video limit {name} must be positive")
+
+    def decode_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) frames of a width x height video are decoded to: the same, or
+        scaled down (aspect kept) to fit max_decode_pixels."""
+        if width * height <= self.max_decode_pixels:
+            return width, height
+        scale = math.sqrt(self.max_decode_pixels / (width * height))
+        return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
 
 
 SAMPLING_MODES = ("uniform", "fps", "coverage")
