@@ -37,10 +37,23 @@ class Limits(_Settings):
     decode_timeout_s: float = Field(60.0, gt=0, description="Bound on probing + decoding.")
     max_frames: int = Field(64, ge=1, description="Largest `frames` a request may ask for.")
     max_inputs: int = Field(16, ge=1, description="Media parts per /v1/moderations call.")
+    max_decode_pixels: int = Field(1920 * 1080, gt=0, description="Frames are scaled down "
+                                   "to at most this many pixels while decoding (aspect kept).")
+    max_decoded_bytes: int = Field(1 << 30, gt=0, description="Decoded frames of one video, "
+                                   "bytes (frames x width x height x 3 after scaling); over "
+                                   "it: 413.")
+    max_prompt_tokens: int = Field(16384, ge=256, description="Longest prompt of one window "
+                                   "(policies and text + its video tokens), tokens, below the "
+                                   "model's context: prefill cost grows with its square. An "
+                                   "inline `policy` or a registered set whose text alone "
+                                   "reaches it, or a window over it: 413 (engine transformers; "
+                                   "vllm: the policy text, and vllm.max_model_len).")
 
     def video_limits(self) -> VideoLimits:
         return VideoLimits(max_bytes=self.max_upload_bytes, max_duration_s=self.max_duration_s,
-                           max_pixels=self.max_pixels, timeout_s=self.decode_timeout_s)
+                           max_pixels=self.max_pixels, timeout_s=self.decode_timeout_s,
+                           max_decode_pixels=self.max_decode_pixels,
+                           max_decoded_bytes=self.max_decoded_bytes)
 
     @property
     def max_body_bytes(self) -> int:
@@ -74,6 +87,17 @@ class Load(_Settings):
     max_inflight: int = Field(32, ge=1, description="Requests decoding or judging per ingress.")
     max_queued: int = Field(16, ge=0, description="Local engine: requests waiting for it.")
     decode_workers: int = Field(2, ge=1, description="Threads decoding videos per ingress.")
+    decode_memory_bytes: int = Field(2 << 30, gt=0, description="Decoded frames held at once "
+                                     "per ingress (decoding, waiting for and inside the "
+                                     "model); a request that would go over it: 429.")
+    max_inflight_per_key: int = Field(8, ge=1, description="Requests one API key (or, without "
+                                      "keys, one client address) may have in flight; the "
+                                      "rest: 429.")
+    body_timeout_s: float = Field(60.0, gt=0, description="A request body must arrive within "
+                                  "this plus the time its declared length takes at "
+                                  "min_body_rate (408 after).")
+    min_body_rate: int = Field(16384, ge=0, description="Bytes/s a request body must keep up "
+                               "after its first 5 s (408 below; 0: no pace rule).")
     retry_after_s: int = Field(1, ge=0, description="Retry-After on 429/503 replies.")
     request_timeout_s: float = Field(120.0, gt=0, description="Bound on one moderation call.")
     drain_timeout_s: float = Field(60.0, ge=0, description="On SIGTERM: stop accepting, give "
