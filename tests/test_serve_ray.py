@@ -11,7 +11,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -258,6 +262,71 @@ def test_model_replica_dying_mid_request_is_a_json_503(ray_cluster, model, tmp_p
         assert body["error"]["message"].startswith("model replica unavailable"), body
     finally:
         srv.stop()
+
+
+def test_a_stopping_service_answers_503_until_it_exits(model, tmp_path, clip):
+    """SIGTERM to `guardrail serve` on its own Ray: the request in flight still finishes, and
+    from the first 503 on every new request is a JSON 503 with Retry-After until Serve stops
+    its proxy on the way out (connections are refused from then on), never Serve's 404 for a
+    deleted route. A batch that waits 5 s to fill holds the request in flight."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    http = {**DEPLOY["http_options"], "host": "127.0.0.1", "port": port}
+    config = write_config(tmp_path, http, batching={"max_batch_size": 4,
+                                                    "batch_wait_timeout_s": 5})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    code = (f"from guardrail.serve.command import serve; serve({model!r}, {str(config)!r}, "
+            "ready_timeout_s=180)")
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while not _answers(f"{url}/healthz"):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the service did not start"
+            time.sleep(0.5)
+        held: list[httpx.Response] = []
+        request = threading.Thread(target=lambda: held.append(post_video(url, clip, {})),
+                                   daemon=True)
+        request.start()
+        time.sleep(1.5)                         # uploaded and waiting in the model's batch
+        proc.send_signal(signal.SIGTERM)
+        replies: list[httpx.Response | str] = []
+        in_flight_at_drain = False
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                reply = post_video(url, b"not a video", {})
+            except httpx.TransportError as err:
+                reply = type(err).__name__
+            if not replies and getattr(reply, "status_code", None) == 503:
+                in_flight_at_drain = request.is_alive()
+            if replies or getattr(reply, "status_code", None) == 503:
+                replies.append(reply)           # drain started: count from the first 503
+            time.sleep(0.02)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    request.join(timeout=60)
+    assert in_flight_at_drain and held and held[0].status_code == 200, held
+    answered = [r for r in replies if isinstance(r, httpx.Response)]
+    assert len(answered) >= 3, replies
+    for r in answered:
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", (r.status_code, r.text)
+        assert r.json()["error"]["type"] == "unavailable", r.text
+    refused = [i for i, r in enumerate(replies) if isinstance(r, str)]
+    assert refused == list(range(len(answered), len(replies))), replies   # only at the end
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def wait_job(url: str, job_id: str, headers: dict, timeout_s: float = 120) -> dict:

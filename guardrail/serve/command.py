@@ -202,17 +202,21 @@ def _start_ray(cfg: ServeConfig, address: str | None, num_gpus: float | None) ->
                  include_dashboard=False, logging_level="warning")
 
     def stop() -> None:
-        """Our own local Ray goes entirely; on a Ray we did not start, only our application.
-        Deleting the application first drains it: replicas take no new requests and finish
-        the ones they hold (up to graceful_shutdown_timeout_s, the drain timeout)."""
+        """Drain first: the ingress answers new requests 503 with Retry-After and finishes the
+        ones it holds (up to the drain timeout). Then our own local Ray goes entirely; on a Ray
+        we did not start, only our application (its route answers 404 from then on)."""
         drain = cfg.settings.load.drain_timeout_s
         with suppress(Exception):  # Serve may not have started
             ingress = ray_serve.get_deployment_handle(INGRESS, cfg.app_name)
             ingress.drain.remote(drain).result(timeout_s=drain + 10)
-        with suppress(Exception):
-            ray_serve.delete(cfg.app_name)
         if started and not address:
+            # NOTE: not `delete` first: it drops the route at once, and the proxy answered 404
+            # until Serve stopped. `shutdown` stops the proxy before it drops routes (new
+            # connections are refused), while the replicas still end gracefully.
             ray_serve.shutdown()
+        else:
+            with suppress(Exception):
+                ray_serve.delete(cfg.app_name)
         if started:
             ray.shutdown()
 
