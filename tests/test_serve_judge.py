@@ -56,10 +56,10 @@ def calls(monkeypatch) -> list[tuple[GuardEngine, list[Video], bool]]:
     seen: list[tuple[GuardEngine, list[Video], bool]] = []
     real = GuardEngine.check_batch
 
-    def spy(self: GuardEngine, batch):
+    def spy(self: GuardEngine, batch, progress=None):
         batch = list(batch)
         try:
-            out = real(self, batch)
+            out = real(self, batch, progress)
         except BaseException:
             seen.append((self, batch, True))
             raise

@@ -109,7 +109,7 @@ def build_app(judge: Judge, settings: ServiceSettings | None = None
     keys, admins = settings.keys(), settings.admins()
     app.add_middleware(Admission, moderator=moderator, paths=ADMITTED,    # outermost: first
                        caller=_caller_of(keys))
-    app.middleware("http")(_observe(metrics))
+    app.add_middleware(Observe, metrics=metrics)
     review_auth = _auth(keys, admins, cookie=True)
     app.include_router(review_api(reviews, review_auth))                   # before /v1
     app.include_router(_api(moderator, registry, store, runner, settings),
@@ -138,7 +138,8 @@ def _api(moderator: Moderator, registry: PolicyRegistry, store: JobStore, runner
         try:
             req = moderator.request(fields)
             return await moderator.moderate(source, req, fields.frames,
-                                            tenant=request.state.caller.key)
+                                            tenant=request.state.caller.key,
+                                            gone=request.is_disconnected)
         finally:
             if isinstance(source, Media):
                 source.discard()
@@ -156,7 +157,8 @@ def _api(moderator: Moderator, registry: PolicyRegistry, store: JobStore, runner
         options = body.options()
         req = moderator.request(options)
         tenant = request.state.caller.key
-        verdicts = await _all([moderator.moderate(s, req, options.frames, tenant=tenant)
+        verdicts = await _all([moderator.moderate(s, req, options.frames, tenant=tenant,
+                                                  gone=request.is_disconnected)
                                for s in sources])
         results = [ModerationResult.of(v, s.kind) for v, s in zip(verdicts, sources,
                                                                   strict=True)]
@@ -369,16 +371,29 @@ def _caller_of(keys: frozenset[str]) -> Callable[[dict], str]:
     return caller
 
 
-def _observe(metrics: Metrics) -> Callable:
-    async def observe(request: Request, call_next):
-        t0 = time.perf_counter()
-        status = 500
+class Observe:
+    """Counts and times every request by route and status. Plain ASGI, not Starlette's
+    BaseHTTPMiddleware: that one hides a client's disconnect from the routes (its receive
+    wrapper cannot answer a zero-timeout poll), and the routes watch for it to cancel work."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0, status = time.perf_counter(), 500
+
+        async def sending(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
+            await self.app(scope, receive, sending)
         finally:
-            route = request.scope.get("route")
-            metrics.observe_request(getattr(route, "path", "other"), request.method, status,
-                                    time.perf_counter() - t0)
-    return observe
+            route = scope.get("route")
+            self.metrics.observe_request(getattr(route, "path", "other"), scope["method"],
+                                         status, time.perf_counter() - t0)

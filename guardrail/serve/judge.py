@@ -56,6 +56,22 @@ class InternalError(GuardrailError):
     """An unexpected failure while judging one video (logged with its traceback)."""
 
 
+class Cancelled(GuardrailError):
+    """The caller stopped waiting (timed out, or its client went away): the work was dropped
+    at the next batch boundary. Nobody reads this reply; it is logged and counted."""
+
+    http_status, kind = 499, "cancelled"
+
+
+def _stop_at(stop: threading.Event | None):
+    """A `progress` callback for check_batch that drops the work at the next forward batch or
+    explain batch once `stop` is set."""
+    def progress(*_) -> None:
+        if stop is not None and stop.is_set():
+            raise Cancelled("the caller stopped waiting")
+    return progress
+
+
 Outcome = Verdict | GuardrailError
 
 
@@ -113,9 +129,11 @@ class EnginePool:
             self._variants.popitem(last=False)
         return engine
 
-    def run_batch(self, items: list[Work]) -> list[Outcome]:
+    def run_batch(self, items: list[Work], stop: threading.Event | None = None
+                  ) -> list[Outcome]:
         """Blocking. Items with the same settings go through `check_batch` together; one bad
-        video fails only itself."""
+        video fails only itself. Once `stop` is set, what is left is dropped (Cancelled) at
+        the next batch boundary, so the next caller does not wait for abandoned work."""
         with self._lock:
             self.batches, self.items = self.batches + 1, self.items + len(items)
             self.max_batch = max(self.max_batch, len(items))
@@ -125,28 +143,34 @@ class EnginePool:
                 groups.setdefault(item.request.key(), []).append(i)
             for idx in groups.values():
                 videos = [items[i].video for i in idx]
-                for i, res in zip(idx, self._run_group(items[idx[0]].request, videos),
+                for i, res in zip(idx, self._run_group(items[idx[0]].request, videos, stop),
                                   strict=True):
                     out[i] = res
             return out  # type: ignore[return-value]
 
-    def _run_group(self, req: JudgeRequest, videos: list[Video]) -> list[Outcome]:
+    def _run_group(self, req: JudgeRequest, videos: list[Video],
+                   stop: threading.Event | None = None) -> list[Outcome]:
+        if stop is not None and stop.is_set():
+            return [Cancelled("the caller stopped waiting")] * len(videos)
         try:
             engine = self.variant(req)
         except GuardrailError as err:  # the request's settings: every video of the group fails
             return [err] * len(videos)
         if len(videos) > 1:
             try:
-                return list(engine.check_batch(videos))
+                return list(engine.check_batch(videos, progress=_stop_at(stop)))
+            except Cancelled as err:
+                return [err] * len(videos)
             except Exception as err:  # one bad video fails only itself: judge them one by one
                 if not isinstance(err, GuardrailError):
                     log.exception("a batch failed; judging its videos one by one")
-        return [self._one(engine, v) for v in videos]
+        return [self._one(engine, v, stop) for v in videos]
 
     @staticmethod
-    def _one(engine: GuardEngine, video: Video) -> Outcome:
+    def _one(engine: GuardEngine, video: Video, stop: threading.Event | None = None
+             ) -> Outcome:
         try:
-            return engine.check(video)
+            return engine.check_batch([video], progress=_stop_at(stop))[0]
         except GuardrailError as err:
             return err
         except Exception as err:
@@ -192,9 +216,14 @@ class LocalJudge:
             raise Overloaded(f"engine queue is full ({self._pending} waiting)",
                              self.retry_after_s)
         self._pending += 1
+        stop = threading.Event()
         try:
-            async with self._turn:
-                (out,) = await asyncio.to_thread(self.pool.run_batch, [Work(video, request)])
+            async with self._turn:    # cancelled while waiting: dropped from the queue
+                (out,) = await asyncio.to_thread(self.pool.run_batch, [Work(video, request)],
+                                                 stop)
+        except asyncio.CancelledError:  # timed out or the client left: drop the running work
+            stop.set()
+            raise
         finally:
             self._pending -= 1
         if isinstance(out, GuardrailError):

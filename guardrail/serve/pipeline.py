@@ -12,12 +12,13 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from contextlib import contextmanager
 
 from guardrail.errors import VideoTooLargeError
 from guardrail.serve.errors import BadRequest, Overloaded, RequestTimeout, Unavailable
 from guardrail.serve.inputs import Source, Sources
-from guardrail.serve.judge import Judge, JudgeRequest
+from guardrail.serve.judge import Cancelled, Judge, JudgeRequest
 from guardrail.serve.metrics import Metrics
 from guardrail.serve.registry import PolicyRegistry
 from guardrail.serve.reviews import ReviewStore, thumbnails
@@ -86,12 +87,17 @@ class Moderator:
 
     async def moderate(self, source: Source, request: JudgeRequest, frames: int | None = None,
                        timeout_s: float | None = None, *, tenant: str | None = None,
-                       job: str | None = None) -> Verdict:
+                       job: str | None = None,
+                       gone: Callable[[], Awaitable[bool]] | None = None) -> Verdict:
         """Judge one video within `timeout_s` (default: the request timeout); the verdict is
-        kept for review as `review.record` says (always for a `job`)."""
+        kept for review as `review.record` says (always for a `job`). At the timeout, or once
+        `gone()` says the client has left, the work is cancelled: dropped from the engine's
+        queue, or stopped at its next batch boundary."""
         timeout = timeout_s or self.settings.load.request_timeout_s
+        work = self._run(source, request, frames)
         try:
-            verdict, video = await asyncio.wait_for(self._run(source, request, frames), timeout)
+            verdict, video = await asyncio.wait_for(
+                work if gone is None else _unless_gone(work, gone), timeout)
         except TimeoutError:
             raise RequestTimeout(f"moderation took longer than {timeout:g} s") from None
         if self.recorder is not None and self.settings.review.records(verdict.flagged,
@@ -118,6 +124,27 @@ class Moderator:
     def depths(self) -> dict[str, int]:
         review = self.recorder.pending() if self.recorder else 0
         return {"requests": self.inflight, "engine": self.judge.depth(), "review": review}
+
+
+GONE_POLL_S = 0.25     # how often a waiting request checks that its client is still there
+
+
+async def _unless_gone(work: Awaitable, gone: Callable[[], Awaitable[bool]]):
+    """`work`'s result, unless the client leaves first: then the work is cancelled and the
+    reply (which nobody reads) is Cancelled."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=GONE_POLL_S)
+            if done:
+                return task.result()
+            if await gone():
+                log.info("client went away: its moderation is cancelled")
+                raise Cancelled("the client went away")
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 class MemoryBudget:
