@@ -59,9 +59,10 @@ def _check_name(value: str) -> str:
 
 
 def name_key(name: str) -> str:
-    """What makes two category names the same: NFKC-normalised, case-folded. Outputs keyed by
-    name (`/v1/moderations`) must never merge two categories."""
-    return unicodedata.normalize("NFKC", name).casefold()
+    """What makes two category names the same: NFKC-normalised, case-folded, whitespace runs
+    as one space and none at the ends (as a name is stored). Outputs keyed by name
+    (`/v1/moderations`) must never merge two categories."""
+    return " ".join(unicodedata.normalize("NFKC", name).casefold().split())
 
 
 def _check_threshold(value: float) -> float:

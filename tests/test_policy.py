@@ -410,6 +410,8 @@ def test_policy_shaped_yaml_only_raises_policy_error(categories: list, defaults:
     ("\ufb01rearms", "duplicate name"),                  # the fi ligature: NFKC "firearms"
     ("Weap\u200bons", "invisible or direction characters (U+200B)"),
     ("\u202eWeapons", "invisible or direction characters (U+202E)"),
+    ("Weapons ", "duplicate name"),                   # stored without the trailing space
+    ("Weapons\u00a0", "duplicate name"),              # a no-break space: NFKC a space
 ])
 def test_category_names_must_differ_as_people_read_them(second, message):
     first = "firearms" if second.startswith("\ufb01") else "Weapons"
