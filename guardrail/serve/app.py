@@ -353,14 +353,13 @@ def _auth(keys: frozenset[str], admins: frozenset[str], cookie: bool = False) ->
     return check
 
 
-def _caller_of(keys: frozenset[str]) -> Callable[[dict], str]:
+def _caller_of(keys: frozenset[str]) -> Callable[[dict], str | None]:
     """Who a request counts against for in-flight slots, read from its headers before the
-    body: a valid API key's id; every request without one shares one bucket ("anonymous"). A
-    service without keys (loopback only) counts by client address."""
-    def caller(scope: dict) -> str:
+    body: a valid API key's id; every request without one shares one bucket ("anonymous").
+    A service without keys (loopback only) has no callers to tell apart: None."""
+    def caller(scope: dict) -> str | None:
         if not keys:
-            client = scope.get("client")
-            return client[0] if client else "unknown"
+            return None
         value = dict(scope.get("headers", ())).get(b"authorization", b"").decode("latin-1")
         scheme, _, token = value.partition(" ")
         token = token.strip()

@@ -124,11 +124,11 @@ class Pace:
 class Admission:
     """Holds one of `moderator`'s in-flight slots for the whole of each moderation request
     (POST to `paths`), taken before the body is read; 429 with Retry-After when none is free,
-    or when the caller (`caller(scope)`: its API key, else its address) already holds its
+    or when the caller (`caller(scope)`: its API key; None: not told apart) already holds its
     share."""
 
     def __init__(self, app: ASGIApp, moderator, paths: frozenset[str],
-                 caller: Callable[[Scope], str]):
+                 caller: Callable[[Scope], str | None]):
         self.app, self.moderator, self.paths, self.caller = app, moderator, paths, caller
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

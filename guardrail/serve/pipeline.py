@@ -40,16 +40,16 @@ class Moderator:
         self.metrics = metrics
         self.sources = Sources(settings)
         self.inflight = 0
-        self.by_caller: Counter[str] = Counter()
+        self.by_caller: Counter[str | None] = Counter()
         self.draining = False
         self.memory = MemoryBudget(settings.load.decode_memory_bytes, settings.load.retry_after_s)
         self._decoders = asyncio.Semaphore(settings.load.decode_workers)
 
     @contextmanager
-    def admitted(self, caller: str = ""):
+    def admitted(self, caller: str | None = None):
         """A slot for one request, or 429 when `load.max_inflight` are already in, or when
-        `caller` (an API key's id, or a client address) holds `load.max_inflight_per_key` of
-        them (503 while the service drains for shutdown)."""
+        `caller` (an API key's id) holds `load.max_inflight_per_key` of them (503 while the
+        service drains for shutdown)."""
         load = self.settings.load
         if self.draining:
             raise Unavailable("the service is shutting down; retry on another replica",
@@ -57,7 +57,7 @@ class Moderator:
         if self.inflight >= load.max_inflight:
             raise Overloaded(f"server is busy ({self.inflight} requests in flight)",
                              load.retry_after_s)
-        if self.by_caller[caller] >= load.max_inflight_per_key:
+        if caller is not None and self.by_caller[caller] >= load.max_inflight_per_key:
             raise Overloaded(f"this key already has {self.by_caller[caller]} requests in "
                              "flight (load.max_inflight_per_key)", load.retry_after_s)
         self.inflight += 1

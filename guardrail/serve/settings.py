@@ -90,9 +90,9 @@ class Load(_Settings):
     decode_memory_bytes: int = Field(2 << 30, gt=0, description="Decoded frames held at once "
                                      "per ingress (decoding, waiting for and inside the "
                                      "model); a request that would go over it: 429.")
-    max_inflight_per_key: int = Field(8, ge=1, description="Requests one API key (or, without "
-                                      "keys, one client address) may have in flight; the "
-                                      "rest: 429.")
+    max_inflight_per_key: int = Field(8, ge=1, description="Requests one API key may have in "
+                                      "flight (requests without a valid key share one such "
+                                      "share); the rest: 429.")
     body_timeout_s: float = Field(60.0, gt=0, description="A request body must arrive within "
                                   "this plus the time its declared length takes at "
                                   "min_body_rate (408 after).")
