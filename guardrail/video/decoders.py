@@ -154,16 +154,19 @@ class PyAVDecoder:
         return True
 
     def read(self, indices: Sequence[int]) -> np.ndarray:
-        out = {}
-        for i in sorted(set(indices)):
+        width, height = self._size      # kept even if the stream changes size midway
+        out = np.empty((len(indices), height, width, 3), np.uint8)   # the only copy held
+        rows: dict[int, list[int]] = {}
+        for row, i in enumerate(indices):
+            rows.setdefault(i, []).append(row)
+        for i in sorted(rows):
             self._seek_for(i)
             while self._pos < i and (frame := next(self._frames, None)) is not None:
                 self._pos, self._last = self._index_of(frame), frame
             if self._last is None:
                 raise VideoError("no decodable video frames")
-            width, height = self._size  # kept even if the stream changes size midway
-            out[i] = self._last.to_ndarray(format="rgb24", width=width, height=height)
-        return np.stack([out[i] for i in indices])
+            out[rows[i]] = self._last.to_ndarray(format="rgb24", width=width, height=height)
+        return out
 
     def close(self) -> None:
         if self._container is not None:

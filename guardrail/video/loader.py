@@ -161,7 +161,8 @@ def _decode_with(decoder_cls: type[FrameDecoder], src: _Source, header: VideoInf
         finally:
             decoder.close()
     row = {index: r for r, index in enumerate(wanted)}
-    clips = tuple(Clip(w, frames[[row[i] for i in w.indices]], info.fps) for w in windows)
+    clips = tuple(Clip(w, frames if list(w.indices) == wanted else   # one window: no copy
+                       frames[[row[i] for i in w.indices]], info.fps) for w in windows)
     return Video(info, clips, sampling.mode, shots, warnings)
 
 
