@@ -426,13 +426,15 @@ class GuardEngine:
             ids.add(im_end)
         return ids
 
+    CONTEXT = "the model's context is"   # how a message names the context limit
+
     def _prompt_limit(self) -> tuple[int | None, str]:
         """The most tokens one window's prompt may take, and what sets it."""
         context = getattr(self.adapter, "context_length", None)
         budget = self.config.max_prompt_tokens
         if budget is not None and (context is None or budget < context):
             return budget, f"this server's prompt budget is {budget:,} tokens"
-        return context, f"the model's context is {context:,} tokens"
+        return context, f"{self.CONTEXT} {context:,} tokens"
 
     def _check_fits(self) -> None:
         """Refuse a policy set whose prompt cannot fit the model's context (or the prompt

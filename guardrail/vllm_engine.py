@@ -182,6 +182,7 @@ class VllmEngine(GuardEngine):
     """GuardEngine scored by vLLM (see the module docstring)."""
 
     engine = "vllm"
+    CONTEXT = "the vllm engine's max_model_len is"
 
     @staticmethod
     def load_model(model, placement, options):
@@ -275,17 +276,11 @@ class VllmEngine(GuardEngine):
         probes = [len(p) for p in self.tokens.probes]
         tails = [b + p for b, p in zip(branches, probes, strict=True)] if branches else probes
         need = head + max(tails)
-        budget = self.config.max_prompt_tokens
-        if budget is not None and budget < self.context_length and need >= budget:
+        limit, why = self._prompt_limit()
+        if need >= limit:
             raise PromptTooLongError(
                 f"policy set {self.policies.name!r}: a request needs {need:,} tokens before the "
-                f"video (layout {self.config.layout}); this server's prompt budget is "
-                f"{budget:,} tokens")
-        if need >= self.context_length:
-            raise PromptTooLongError(
-                f"policy set {self.policies.name!r}: a request needs {need:,} tokens before the "
-                f"video (layout {self.config.layout}); the vllm engine's max_model_len is "
-                f"{self.context_length:,}")
+                f"video (layout {self.config.layout}); {why}")
 
     @property
     def context_length(self) -> int:

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import re
 import socket
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import serve_fixtures
-import uvicorn
 import videos
 from fastapi.testclient import TestClient
 
@@ -133,17 +131,8 @@ def live(engine, tmp_path, monkeypatch):
     monkeypatch.setattr(limits_module, "GRACE_S", 0.5)
     s = settings(tmp_path, load=Load(max_inflight=2, body_timeout_s=30, min_body_rate=1000))
     app, moderator = build_app(LocalJudge(engine), s)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    serve_fixtures.wait_for(lambda: server.started, 30, "server did not start")
-    yield url, moderator
-    server.should_exit = True
-    thread.join(30)
-    sock.close()
+    with serve_fixtures.live_server(app) as url:
+        yield url, moderator
 
 
 def _trickle(url: str, path: str, declared: int) -> socket.socket:

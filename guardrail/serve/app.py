@@ -24,6 +24,7 @@ from guardrail.errors import PromptTooLongError
 from guardrail.policy import MAX_POLICY_BYTES
 from guardrail.serve import webhooks
 from guardrail.serve.errors import (
+    STORE_RETRY_S,
     BadRequest,
     Forbidden,
     NotFound,
@@ -268,7 +269,7 @@ def _open(judge: Judge, moderator: Moderator, store: JobStore, metrics: Metrics)
             body = Health(status="degraded", model=info.model, policy_set=info.policy_set,
                           store="unavailable")
             return JSONResponse(body.model_dump(), status_code=503,
-                                headers={"Retry-After": str(StoreUnavailable("").retry_after_s)})
+                                headers={"Retry-After": str(STORE_RETRY_S)})
         return Health(status="ok", model=info.model, policy_set=info.policy_set)
 
     @router.get("/livez", response_model=Health)
@@ -334,6 +335,17 @@ class Caller:
         return self.key is None or self.admin or tenant == self.key
 
 
+def _bearer(value: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header value, else None."""
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+def _one_of(token: str | None, keys: frozenset[str]) -> bool:
+    return token is not None and any(hmac.compare_digest(token.encode(), k.encode())
+                                     for k in keys)
+
+
 def _auth(keys: frozenset[str], admins: frozenset[str], cookie: bool = False) -> Callable:
     """The API key check: `Authorization: Bearer <key>`, or (`cookie`: the review console's
     routes) the key the console's sign-in stored in its cookie."""
@@ -341,15 +353,13 @@ def _auth(keys: frozenset[str], admins: frozenset[str], cookie: bool = False) ->
         request.state.caller = Caller(None, True)
         if not keys:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        token = token.strip()
-        if cookie and not scheme and request.cookies.get(COOKIE):
-            scheme, token = "bearer", request.cookies[COOKIE]
-        if scheme.lower() != "bearer" or not any(
-                hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+        header = request.headers.get("authorization", "")
+        token = _bearer(header)
+        if cookie and not header.partition(" ")[0] and request.cookies.get(COOKIE):
+            token = request.cookies[COOKIE]
+        if not _one_of(token, keys):
             raise Unauthorized("missing or wrong API key (Authorization: Bearer <key>)")
-        admin = any(hmac.compare_digest(token.encode(), k.encode()) for k in admins)
-        request.state.caller = Caller(key_id(token), admin)
+        request.state.caller = Caller(key_id(token), _one_of(token, admins))
     return check
 
 
@@ -360,13 +370,9 @@ def _caller_of(keys: frozenset[str]) -> Callable[[dict], str | None]:
     def caller(scope: dict) -> str | None:
         if not keys:
             return None
-        value = dict(scope.get("headers", ())).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = value.partition(" ")
-        token = token.strip()
-        if scheme.lower() == "bearer" and any(hmac.compare_digest(token.encode(), k.encode())
-                                              for k in keys):
-            return key_id(token)
-        return "anonymous"
+        token = _bearer(dict(scope.get("headers", ())).get(b"authorization", b"")
+                        .decode("latin-1"))
+        return key_id(token) if _one_of(token, keys) else "anonymous"
     return caller
 
 

@@ -77,14 +77,17 @@ class Unavailable(ServiceError):
     http_status, kind = 503, "unavailable"
 
 
+STORE_RETRY_S = 5     # Retry-After while the job store is unavailable
+
+
 class StoreUnavailable(Unavailable):
     """The job store (database or spool folder) cannot be read or written right now: stopped,
     unreachable, read-only, full. Retried later; nothing is lost."""
 
     kind = "store_unavailable"
 
-    def __init__(self, message: str, retry_after_s: int | None = 5):
-        super().__init__(message, retry_after_s)
+    def __init__(self, message: str, retry_after_s: int | None = None):
+        super().__init__(message, STORE_RETRY_S if retry_after_s is None else retry_after_s)
 
 
 class RequestTimeout(ServiceError):
