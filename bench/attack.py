@@ -35,6 +35,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import yaml
 
 KEY = "attack-run-key"
 OK_OR_4XX = frozenset({200, *range(400, 500)})
@@ -536,29 +537,27 @@ def small_routes(t: Target, item: str) -> None:
                 "version: 1", f"version: {v}").encode())
 
 
+def _serve(model: str, config: Path, args: dict):
+    """`guardrail serve` (local backend, in this process) with these service settings."""
+    from guardrail.serve.command import serve
+
+    config.write_text(yaml.safe_dump({"applications": [{
+        "name": "guardrail", "import_path": "guardrail.serve.deployment:build_app",
+        "args": args}]}))
+    return serve(model, config=str(config), port=0, backend="local", block=False,
+                 ready_timeout_s=300)
+
+
 def hardening(model: str, root: Path, clip: bytes
               ) -> tuple[list[tuple[str, int, int]], list[str], list[str]]:
     """Runs the hardening classes on their own server; (rows, problems, notes)."""
-    from guardrail.serve.command import serve
-
     db = root / "hardening.sqlite"
-    config = root / "hardening.yaml"
-    config.write_text(f"""
-applications:
-  - name: guardrail
-    import_path: guardrail.serve.deployment:build_app
-    args:
-      frames: 2
-      sampling: {{mode: uniform}}
-      api_keys: [{KEY}, {KEY_B}]
-      admin_keys: [{ADMIN}]
-      load: {{max_inflight: 12, max_inflight_per_key: {PER_KEY}, retry_after_s: 1,
-              decode_memory_bytes: {DECODE_BUDGET}}}
-      jobs: {{db_path: {db}, workers: 0}}
-      review: {{record: all}}
-""")
-    server = serve(model, config=str(config), port=0, backend="local", block=False,
-                   ready_timeout_s=300)
+    server = _serve(model, root / "hardening.yaml", {
+        "frames": 2, "sampling": {"mode": "uniform"}, "api_keys": [KEY, KEY_B],
+        "admin_keys": [ADMIN],
+        "load": {"max_inflight": 12, "max_inflight_per_key": PER_KEY, "retry_after_s": 1,
+                 "decode_memory_bytes": DECODE_BUDGET},
+        "jobs": {"db_path": str(db), "workers": 0}, "review": {"record": "all"}})
     rows, problems, notes = [], [], []
     try:
         with httpx.Client(base_url=server.url) as client:
@@ -592,8 +591,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--burst", type=int, default=256, help="requests in the load burst")
     args = ap.parse_args(argv)
 
-    from guardrail.serve.command import serve
-
     root = Path(tempfile.mkdtemp(prefix="attack-"))
     clip = clip_bytes()
     (root / "ok").mkdir()
@@ -603,22 +600,11 @@ def main(argv: list[str] | None = None) -> int:
         SimpleHTTPRequestHandler, directory=str(root)))
     threading.Thread(target=files.serve_forever, daemon=True).start()
     origin = f"http://127.0.0.1:{files.server_address[1]}"
-    config = root / "serve.yaml"
-    config.write_text(f"""
-applications:
-  - name: guardrail
-    import_path: guardrail.serve.deployment:build_app
-    args:
-      frames: 2
-      api_keys: [{KEY}]
-      allow_paths: [{root / 'ok'}]
-      allow_urls: [{origin}/ok]
-      load: {{max_inflight: 8, retry_after_s: 1}}
-      jobs: {{db_path: {root / 'jobs.sqlite'}, workers: 0}}
-      review: {{record: all}}
-""")
-    server = serve(args.model, config=str(config), port=0, backend="local", block=False,
-                   ready_timeout_s=300)
+    server = _serve(args.model, root / "serve.yaml", {
+        "frames": 2, "api_keys": [KEY], "allow_paths": [str(root / "ok")],
+        "allow_urls": [f"{origin}/ok"], "load": {"max_inflight": 8, "retry_after_s": 1},
+        "jobs": {"db_path": str(root / "jobs.sqlite"), "workers": 0},
+        "review": {"record": "all"}})
     rows, problems = [], []
     try:
         with httpx.Client(base_url=server.url) as client:
