@@ -32,7 +32,7 @@ from guardrail.console import (
     vllm_settings,
 )
 from guardrail.errors import PolicyError, UsageError, VideoError
-from guardrail.layout import LAYOUTS
+from guardrail.prompt import LAYOUTS
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Video safety guardrail: judge videos against policy YAML.")

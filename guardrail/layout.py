@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from guardrail.errors import UsageError
-
-LAYOUTS = ("sequential", "parallel", "parallel_cached", "isolated")
+from guardrail.prompt import LAYOUTS  # noqa: F401 - the layout names, also imported from here
 HOST = torch.device("cpu")   # layouts are planned on the host; the runner moves them once
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from guardrail.layout import LAYOUTS
+from guardrail.prompt import LAYOUTS
 from guardrail.policy import PolicySet
 from guardrail.prompt import VIDEO_SLOT, build_prompt, prompt_segments
 

@@ -331,3 +331,32 @@ def test_piped_status_lines_do_not_wrap(tmp_path, tiny_model, video_files):
     assert header.endswith(" ms)") and "frames" in header           # one line, not rewrapped
     assert any(line.startswith("warning: random test model") and line.endswith("meaningless")
                for line in got.stdout.splitlines())
+
+
+# Commands that need no model must not import torch (3 s of start-up, 27 s on a busy machine).
+_NO_TORCH = """
+import sys
+from guardrail.cli import main
+sys.argv = ["guardrail", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exit:
+    code = exit.code or 0
+else:
+    code = 0
+print("torch imported" if "torch" in sys.modules else "no torch", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("args", [
+    ["--help"], ["check", "--help"], ["serve", "--help"], ["bench", "--help"],
+    ["policy", "validate", "policies/weapons.yaml"], ["policy", "schema"],
+    ["policy", "render", "policies/weapons.yaml"], ["policy", "lint", "policies/weapons.yaml"],
+    ["policy", "diff", "policies/weapons.yaml", "policies/child_safety.yaml"],
+])
+def test_commands_without_a_model_do_not_import_torch(args):
+    got = subprocess.run([sys.executable, "-c", _NO_TORCH, *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert got.stderr.strip().endswith("no torch"), (got.returncode, got.stderr[-2000:])
+    assert got.returncode in (0, 1), got.stderr[-2000:]     # diff exits 1 when sets differ

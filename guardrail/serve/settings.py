@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from guardrail.engine import MODES, EngineConfig, engine_class
 from guardrail.errors import UsageError
-from guardrail.layout import LAYOUTS
+from guardrail.prompt import LAYOUTS
 from guardrail.shipped import shipped_dir
 from guardrail.video import SamplingConfig, VideoLimits
 
