@@ -26,6 +26,7 @@ import torch
 
 from guardrail.errors import UsageError
 from guardrail.prompt import LAYOUTS  # noqa: F401 - the layout names, also imported from here
+
 HOST = torch.device("cpu")   # layouts are planned on the host; the runner moves them once
 
 

@@ -16,9 +16,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from guardrail.prompt import LAYOUTS
 from guardrail.policy import PolicySet
-from guardrail.prompt import VIDEO_SLOT, build_prompt, prompt_segments
+from guardrail.prompt import LAYOUTS, VIDEO_SLOT, build_prompt, prompt_segments
 
 # blocked rules naming these are often benign in context: an `allowed` list helps the model
 BENIGN_HINTS = ("art", "artwork", "sport", "sports", "medical", "news", "education",
