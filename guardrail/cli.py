@@ -373,7 +373,7 @@ def check(
     """Judge each video against the policy set; print one verdict per video, in order."""
     from guardrail.engine import GuardEngine
     from guardrail.policy import load_policies
-    from guardrail.video import SamplingConfig, load_media
+    from guardrail.video import SamplingConfig, VideoLimits, check_media, load_media
 
     quiet_transformers()
     sampling = SamplingConfig(mode=sampling_mode, num_frames=frames, window_s=window,
@@ -382,13 +382,24 @@ def check(
     # one file goes by path, so `--calibration auto` finds the calibration file beside it
     policies = policy[0] if policy and len(policy) == 1 else (
         load_policies(policy) if policy else None)
+    bad = 0
+    good = []
+    for path in videos:          # every input before the model loads (minutes at 7B)
+        try:
+            check_media(path, VideoLimits())
+            good.append(path)
+        except VideoError as error:
+            bad += 1
+            fail(error, str(path))
+    if not good:
+        raise typer.Exit(VideoError.exit_code)
+    videos = good
     engine = GuardEngine.from_pretrained(
         model, policies=policies, device=device, dtype=dtype, layout=layout, mode=mode,
         prompt_style=prompt_style,
         keep_ratio=keep_ratio, pruning_mode=pruning_mode, batch_size=batch_size,
         sampling=sampling, max_new_tokens=max_new_tokens, decoder=decoder,
         calibration=calibration, engine=engine_name, vllm=vllm_settings(vllm_option))
-    bad = 0
     with ProgressBar(enabled=not as_json and sys.stderr.isatty()) as bar:
         bar.start(len(videos))
         for start in range(0, len(videos), batch_size):

@@ -177,6 +177,22 @@ def test_probe_and_check_judge_a_variable_frame_rate_video_over_its_playback(tin
     assert verdict["video"]["sampling"] == "coverage" and verdict["video"]["shots"] == 2
 
 
+def test_check_looks_at_every_video_before_the_model_loads(video_files, tmp_path, monkeypatch):
+    """Missing files, folders and non-videos are reported before any model work (the model
+    here does not exist: loading it would be exit 2); with no video left, exit 3 at once."""
+    loads = []
+    monkeypatch.setattr("guardrail.engine.GuardEngine.from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(1)))
+    text = tmp_path / "notes.txt"
+    text.write_text("not a video\n")
+    res = run("check", tmp_path / "nope.mp4", tmp_path, text, "--model", tmp_path / "no-model")
+    assert res.exit_code == 3 and not loads, res.output
+    lines = res.stderr.strip().splitlines()
+    assert lines[0] == f"{tmp_path / 'nope.mp4'}: file not found"
+    assert lines[1] == f"{tmp_path}: not a regular file"
+    assert lines[2].startswith(f"{text}: ") and len(lines) == 3
+
+
 def test_check_missing_model_fails_fast(video_files, tmp_path):
     res = run("check", video_files["mp4_h264"], "--model", tmp_path / "nope")
     assert res.exit_code == 2

@@ -15,7 +15,14 @@ deadline, one-line errors), `validate` (the header PyAV checked), `sampling` (`p
 from __future__ import annotations
 
 from guardrail.video.decoders import DECODERS, DecordDecoder, FrameDecoder, PyAVDecoder
-from guardrail.video.loader import image_as_video, load_media, load_video, plan_video, probe
+from guardrail.video.loader import (
+    check_media,
+    image_as_video,
+    load_media,
+    load_video,
+    plan_video,
+    probe,
+)
 from guardrail.video.sampling import plan_windows
 from guardrail.video.source import VideoTimeoutError
 from guardrail.video.source import _Deadline as _Deadline  # for tests
@@ -45,6 +52,7 @@ __all__ = [
     "VideoSource",
     "VideoTimeoutError",
     "Window",
+    "check_media",
     "image_as_video",
     "load_media",
     "load_video",

@@ -81,6 +81,19 @@ def load_media(path: str | os.PathLike, sampling: SamplingConfig = _DEFAULT_SAMP
     return load_video(path, sampling, limits, backend)
 
 
+def check_media(path: str | os.PathLike, limits: VideoLimits = _DEFAULT_LIMITS) -> None:
+    """Raise the VideoError `load_media` would raise at once for `path` (missing, not a
+    regular file, empty, over the byte limit, not a video or image that can be opened, a
+    header over the limits), without decoding more than one frame: for checking every input
+    before a model loads."""
+    src = _resolve(path, limits)
+    if not _is_still_image(path):
+        _probe_header(src, limits, _Deadline(limits.timeout_s))
+        return
+    with Image.open(path) as img:
+        _check_size(*img.size, limits)
+
+
 def _is_still_image(path: str | os.PathLike) -> bool:
     try:
         with Image.open(path) as img:
