@@ -207,6 +207,8 @@ def policy_test(
                   f"{', '.join(c['after']) or '-'}", markup=False)
     if old is not None and not got["changed"]:
         out.print(f"no example changes verdict against {against}", markup=False)
+    for warning in got["warnings"]:
+        out.print(f"[bold yellow]warning:[/] {escape(warning)}")
 
 
 @policy_app.command("diff")

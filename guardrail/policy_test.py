@@ -59,7 +59,8 @@ def report(engine: GuardEngine, policies: PolicySet, dataset: Dataset,
                                if isinstance(now[i.video_path], dict) else {})}
                 for i in dataset.videos()]
     out: dict[str, Any] = {"examples": examples,
-                           "per_category": per_category(policies, dataset, now)}
+                           "per_category": per_category(policies, dataset, now),
+                           "warnings": list(engine.warnings)}
     if against is not None:
         before = flagged(engine.with_policies(against), dataset, on_video)
         out["changed"] = [{"video": v, "before": before[v], "after": now[v]}

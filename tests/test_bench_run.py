@@ -111,11 +111,15 @@ def test_bench_run_end_to_end(model, dataset, local_run, tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Per subcategory" in report and "| C3 | fighting | 1 |" in report
     assert "real/videos/gone.mp4" in report
+    # a random test model says so wherever results are shown, not only per prediction line
+    assert m["warnings"] and m["warnings"][0].startswith("random test model")
+    assert report.splitlines()[2] == f"> **Warning:** {m['warnings'][0]}"
     # Running again with everything done judges nothing and rescores the same.
     again = CliRunner().invoke(bench_app, ["run", "--dataset", str(dataset), "--model",
                                            str(model), "--out", str(out), "--device", "cpu"])
     assert again.exit_code == 0, again.output
     assert "judged 0 videos, 2 failed, 4 already done" in again.stderr
+    assert "warning: random test model" in " ".join(again.stdout.split())
     m2 = json.loads((out / "metrics.json").read_text())
     assert m2["safewatch"] == m["safewatch"]
     # throughput: judged videos only (4, not the 2 failed), unchanged by the no-op resume

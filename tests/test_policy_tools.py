@@ -187,6 +187,7 @@ def test_policy_test_reports_examples_metrics_and_changes(tmp_path, tiny_model, 
         assert (m["tp"], m["fp"]) == (tp, fp)
         assert m["precision"] == (tp / (tp + fp) if tp + fp else None)
     assert report["changed"] == []                       # reordering changes no verdict
+    assert any(w.startswith("random test model") for w in report["warnings"])
     changed = run("--against", everything)["changed"]     # everything flagged before
     assert changed and all(set(c["after"]) < set(c["before"]) for c in changed)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from guardrail.console import (
@@ -191,6 +192,10 @@ def _score_and_report(files: list[Path], data, out_dir: Path, calibration: Path 
     for row in rows:
         grid.add_row(*row)
     out.print(grid)
+    for r in runs:
+        for warning in r.metrics["warnings"]:
+            label = f" ({r.name})" if len(runs) > 1 else ""
+            out.print(f"[bold yellow]warning{escape(label)}:[/] {escape(warning)}")
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m guardrail.bench.command run ...`

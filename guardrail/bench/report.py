@@ -45,6 +45,8 @@ def render(scored: Scored) -> str:
     m = scored.metrics
     sw, b = m["safewatch"], m["binary"]
     lines = [f"# Benchmark report: {scored.name}", ""]
+    lines += [f"> **Warning:** {w}" for w in m.get("warnings", ())]
+    lines += [""] if m.get("warnings") else []
     lines += ["## Run settings", ""]
     lines += _table(["setting", "value"],
                     [[k, f"`{v}`"] for k, v in m["settings"].items() if v is not None])

@@ -71,7 +71,17 @@ def score(predictions_file: str | os.PathLike, dataset: Dataset | None = None,
     metrics["throughput"] = throughput(read_run(path.parent), list(preds.values()))
     metrics["settings"] = settings(read_run(path.parent), list(preds.values()), dataset,
                                    calibration)
+    metrics["warnings"] = run_warnings(list(preds.values()))
     return Scored(name or run_name(path), metrics, rows, preds)
+
+
+def run_warnings(preds: list[Prediction]) -> list[str]:
+    """The warnings every verdict of the run carries: about the model or the run, not one
+    video (a random test model's scores are meaningless, and a report must say so)."""
+    if not preds:
+        return []
+    return [w for w in preds[0].verdict.warnings
+            if all(w in p.verdict.warnings for p in preds[1:])]
 
 
 def write_metrics(metrics: dict, out_dir: str | os.PathLike) -> Path:
