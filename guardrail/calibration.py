@@ -26,6 +26,7 @@ import numpy as np
 import yaml
 
 from guardrail.errors import UsageError
+from guardrail.shipped import shipped_dir
 
 if TYPE_CHECKING:
     from guardrail.verdict import Verdict
@@ -283,16 +284,31 @@ def load(path: str | os.PathLike) -> Calibration:
 
 
 def default_path(policy: str | os.PathLike | None = None, model: str | os.PathLike | None = None,
-                 policy_set: str | None = None) -> Path:
+                 policy_set: str | None = None, beside: str | os.PathLike | None = None
+                 ) -> Path:
     """Beside the policy file (`x.yaml` -> `x.calibration.json`), else in the model directory
-    (`<model>/calibration/<policy_set>.json`)."""
+    (`<model>/calibration/<policy_set>.json`), else beside the file `beside` (a run's
+    predictions: `<its folder>/<policy_set>.calibration.json`)."""
     if policy is not None:
         p = Path(policy)
         return p.with_name(f"{p.stem}.calibration.json")
     if model is not None and policy_set:
         return Path(model) / "calibration" / f"{policy_set}.json"
+    if beside is not None and policy_set:
+        return Path(beside).parent / f"{policy_set}.calibration.json"
     raise UsageError("say where to store the calibration: a policy file, a model directory, "
                      "or an output path")
+
+
+def check_writable_place(path: Path) -> None:
+    """Refuse to write a calibration into guardrail's own shipped policies folder (a source
+    checkout's `policies/`, or the installed package's data): `--calibration auto` would then
+    apply it to everyone who uses the shipped set."""
+    shipped = shipped_dir("policies").resolve()
+    if path.resolve().parent == shipped:
+        raise UsageError(f"{path} is in guardrail's own policies folder ({shipped}); keep the "
+                         "calibration with your run (the default, beside the predictions), or "
+                         "give --out, or calibrate a copy of the policy file")
 
 
 def discover(policy: str | os.PathLike | None, model: str | os.PathLike | None,

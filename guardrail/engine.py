@@ -189,7 +189,9 @@ class GuardEngine:
         kind._check_config(cfg)            # a bad layout for the engine fails before the load
         pset = policies if isinstance(policies, PolicySet) else load_policy(
             policies or DEFAULT_POLICY)
-        policy_file = None if isinstance(policies, PolicySet) else (policies or DEFAULT_POLICY)
+        # `auto` looks beside the user's own policy file only: never in the shipped set's
+        # folder (in a source checkout, a file written there would apply to everyone)
+        policy_file = None if isinstance(policies, PolicySet) else policies
         calibration = resolve(cfg.calibration, policy_file, model, pset.name)
         warnings = ()
         if cfg.calibration == "auto" and calibration is None:

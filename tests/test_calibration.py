@@ -193,3 +193,37 @@ def test_fit_warnings_name_small_splits_unfitted_categories_and_pinned_slopes():
     y = (rng.uniform(size=(big, 1)) < 0.3).astype(int)
     s = np.clip(np.where(y > 0, 0.7, 0.3) + rng.normal(0, 0.1, size=y.shape), 0.01, 0.99)
     assert fit_warnings(fit(s, y, ["C1"], "temperature")) == []
+
+
+def test_a_calibration_stays_with_the_run_and_out_of_the_shipped_policies(tmp_path, tiny_model):
+    """By default it is written beside the predictions; never into guardrail's own policies
+    folder; and `--calibration auto` with the shipped set does not look there."""
+    from guardrail.engine import GuardEngine
+    from guardrail.shipped import shipped
+
+    scores, labels = miscalibrated(200, seed=5)
+    ids = ["C1", "C2"]
+    lines = [verdict_line(f"v{i}.mp4", [c for c, on in zip(ids, labels[i], strict=True) if on],
+                          dict(zip(ids, map(float, scores[i]), strict=True)))
+             for i in range(len(scores))]
+    preds = tmp_path / "run" / "predictions.jsonl"
+    preds.parent.mkdir()
+    preds.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    res = CliRunner().invoke(bench_app, ["calibrate", "--predictions", str(preds)])
+    assert res.exit_code == 0, res.output
+    assert cal.load(tmp_path / "run" / "test.calibration.json").policy_set == "test"
+    source = shipped("policies", "safewatch.yaml")
+    res = CliRunner().invoke(bench_app, ["calibrate", "--predictions", str(preds), "--policy",
+                                         str(source)])
+    assert res.exit_code == 2 and "own policies folder" in res.output
+    assert not source.with_name("safewatch.calibration.json").exists()
+    # a file there (written by hand, or by an older version) is not applied to the default set
+    planted = source.with_name("safewatch.calibration.json")
+    fitted = cal.fit(scores, labels, ids, "temperature", policy_set="safewatch")
+    cal.save(fitted, planted)
+    try:
+        engine = GuardEngine.from_pretrained(tiny_model(), calibration="auto")
+        assert engine.calibration is None
+        assert any("calibration auto" in w for w in engine.warnings)
+    finally:
+        planted.unlink()

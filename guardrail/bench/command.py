@@ -126,12 +126,15 @@ def bench_calibrate(
         help="Labels from this dataset (default: labels in the predictions).")] = None,
     method: Annotated[str, typer.Option(help="temperature | platt")] = "temperature",
     policy: Annotated[Path | None, typer.Option(
-        help="Store beside this policy file (x.yaml -> x.calibration.json).")] = None,
+        help="Store beside this policy file (x.yaml -> x.calibration.json), where "
+             "--calibration auto finds it; not guardrail's own policies folder.")] = None,
     model: Annotated[Path | None, typer.Option(
         help="Store in this model directory (calibration/<policy_set>.json).")] = None,
     out_file: Annotated[Path | None, typer.Option("--out", help="Store here instead.")] = None,
 ):
-    """Fit per-category score calibration on a labelled split; print ECE before and after."""
+    """Fit per-category score calibration on a labelled split; print ECE before and after.
+    Stored beside the predictions (<policy_set>.calibration.json) unless --policy, --model or
+    --out says where."""
     from guardrail import calibration as cal_mod
     from guardrail.bench.datasets import load_dataset
     from guardrail.bench.predictions import join, read_predictions
@@ -150,7 +153,8 @@ def bench_calibrate(
     cal = cal_mod.fit(rows.scores, rows.matrix(rows.labels), rows.category_ids, method,
                       policy_set=first.policy_set, model=first.model)
     path = out_file or cal_mod.default_path(policy=policy, model=model,
-                                            policy_set=first.policy_set)
+                                            policy_set=first.policy_set, beside=predictions)
+    cal_mod.check_writable_place(path)
     cal_mod.save(cal, path)
     out.print(f"{method} calibration of {len(rows.category_ids)} categories on "
               f"{cal.n_videos} videos: ECE {cal.ece_before:.4f} -> {cal.ece_after:.4f}; "
