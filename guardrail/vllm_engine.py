@@ -22,7 +22,6 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -131,18 +130,12 @@ class _GenerationOnly:
 def load_vllm(model: str | os.PathLike | None, placement: Any, options: dict | None
               ) -> VllmModel:
     """vLLM's engine for a Qwen-VL model directory (or hub id), in this process."""
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoProcessor
 
-    from guardrail.adapters.registry import default_model
+    from guardrail.adapters.registry import locate_model
 
-    name = str(model or default_model())
-    local = Path(name).expanduser()
-    if name.startswith(("/", "./", "../", "~")) and not local.exists():
-        raise ModelError(f"{name}: no such model directory; make a test model with "
-                         "`guardrail model make-tiny DIR --family qwen2_5_vl`")
-    source = str(local) if local.exists() else name
+    name, source, config = locate_model(model)
     try:
-        config = AutoConfig.from_pretrained(source)
         processor = AutoProcessor.from_pretrained(source)
     except Exception as err:  # noqa: BLE001 - transformers raises many types for "not found"
         raise ModelError(f"cannot load model {name!r} ({type(err).__name__})") from None

@@ -231,3 +231,20 @@ def test_vllm_serve_files_are_valid_serve_configs():
 def test_settings_refuse_what_the_engine_cannot_run(args, message):
     with pytest.raises(ValueError, match=message):
         ServiceSettings.model_validate(args)
+
+
+def test_serve_with_a_missing_model_is_one_line_before_ray_starts(tmp_path):
+    """The model is located and its config read in the driver: exit 2 with the same line as
+    `check`, and no Ray (it took 100 s and three tracebacks before)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom guardrail.cli import main\nsys.argv = ['guardrail', *sys.argv[1:]]"
+             "\ntry:\n    main()\nexcept SystemExit as e:\n    print('ray' in sys.modules and "
+             "sys.modules['ray'].is_initialized(), file=sys.stderr)\n    raise\n")
+    got = subprocess.run([sys.executable, "-c", probe, "serve", "--model", str(tmp_path / "nope"),
+                          "--port", "0"], capture_output=True, text=True, timeout=120)
+    lines = got.stderr.strip().splitlines()
+    assert got.returncode == 2, got.stderr[-2000:]
+    assert lines == [f"{tmp_path / 'nope'}: no such model directory; make a test model "
+                     "with `guardrail model make-tiny DIR --family qwen2_5_vl`", "False"], lines

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,13 +57,14 @@ def default_model() -> str:
     return os.environ.get("GUARDRAIL_MODEL") or DEFAULT_MODEL
 
 
-def create_adapter(model: str | os.PathLike | None = None, placement: Placement | None = None
-                   ) -> ModelAdapter:
-    """Load a model directory (or hub id where the network allows) and its processor."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+def locate_model(model: str | os.PathLike | None = None) -> tuple[str, str, Any]:
+    """(name, source, config) of a model directory or hub id, checked without loading weights:
+    ModelError (one line, what to do) for a missing or non-model directory, a hub id neither
+    cached nor reachable, a config that cannot be read, an unconverted InternVL2 checkpoint.
+    Cheap enough for a driver to call before it starts workers."""
+    from transformers import AutoConfig
 
     name = str(model or default_model())
-    placement = placement or resolve_placement()
     local = Path(name).expanduser()
     source = str(local) if local.exists() else name
     if not local.exists() and name.startswith(("/", "./", "../", "~")):
@@ -79,10 +81,20 @@ def create_adapter(model: str | os.PathLike | None = None, placement: Placement 
         config = AutoConfig.from_pretrained(source)
     except Exception as err:  # noqa: BLE001 - transformers raises many types for "not found"
         raise ModelError(f"cannot load model {name!r} ({type(err).__name__}): {how}") from None
-    family = config.model_type
-    if family == "internvl_chat":
+    if config.model_type == "internvl_chat":
         raise ModelError(f"{name}: an original InternVL2-chat checkpoint; convert it first: "
                          f"guardrail model convert {name} DST")
+    return name, source, config
+
+
+def create_adapter(model: str | os.PathLike | None = None, placement: Placement | None = None
+                   ) -> ModelAdapter:
+    """Load a model directory (or hub id where the network allows) and its processor."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    name, source, config = locate_model(model)
+    placement = placement or resolve_placement()
+    family = config.model_type
     if family not in FAMILIES:
         raise ModelError(f"{name}: model type {family!r} is not supported; supported: "
                          f"{', '.join(FAMILIES)}")

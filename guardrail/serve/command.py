@@ -77,6 +77,10 @@ def serve(model: str | None = None, config: str | os.PathLike | None = None,
     cfg = load_config(config, model=model, host=host, port=port, api_keys=api_keys,
                       jobs_db=jobs_db, policies_dir=policies_dir)
     cfg.settings.check_auth()
+    # a missing or unreadable model is one line here, not a replica failing inside Ray
+    from guardrail.adapters.registry import locate_model
+
+    locate_model(cfg.settings.model)
     # caught from here on: a SIGTERM while starting still drains and exits cleanly
     stopping = _catch_signals(threading.Event(), signal.SIGTERM) if block else None
     if backend not in ("ray", "local"):
