@@ -61,3 +61,35 @@ def test_no_user_text_cites_the_internal_spec():
     for name, _ in docgen.commands():
         got = runner.invoke(app, [*name.split()[1:], "--help"], terminal_width=200)
         assert got.exit_code == 0 and "SPEC" not in got.stdout, name
+
+
+def _bash_block(text: str, heading: str, nth: int = 0) -> list[str]:
+    section = text[text.index(heading):]
+    return re.findall(r"```bash\n(.*?)```", section, re.S)[nth].strip().splitlines()
+
+
+@pytest.mark.slow
+def test_the_readmes_quickstart_and_evaluation_run_as_written(tmp_path, tiny_model):
+    """The README's quickstart, then its evaluation block, line by line in one fresh folder
+    (the files one creates are what the next reads), with the tiny model at /tmp/m and
+    /tmp/skv in the test's folder."""
+    import os
+    import subprocess
+    import sys
+
+    readme = (ROOT / "README.md").read_text()
+    lines = [*_bash_block(readme, "## Quickstart"), *_bash_block(readme, "## Offline evaluation")]
+    venv = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{venv}{os.pathsep}{os.environ['PATH']}"}
+    model = tiny_model()
+    for line in lines:
+        if line.startswith(". ") or "make-tiny /tmp/m" in line:
+            continue                        # the test's venv is active; the model is made
+        line = line.replace("/tmp/skv", str(tmp_path / "skv")).replace("/tmp/m", str(model))
+        line = line.replace("pip download", f"{sys.executable} -m pip download")
+        got = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert got.returncode == 0, (line, got.stdout[-1000:], got.stderr[-2000:])
+    assert (tmp_path / "clip.mp4").stat().st_size > 0
+    assert (tmp_path / "out" / "val" / "safewatch.calibration.json").is_file()
+    assert "random test model" in (tmp_path / "out" / "val" / "report.md").read_text()

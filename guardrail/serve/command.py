@@ -11,6 +11,7 @@ takes `port=0` (a free port, bound by the server: read it from `Server.url`).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -112,7 +113,10 @@ def serve(model: str | None = None, config: str | os.PathLike | None = None,
     _catch_signals(stopping, signal.SIGINT)          # Ctrl-C: the same graceful stop now
     while not stopping.wait(1.0):
         pass
+    print(f"guardrail: stopping; requests in flight get up to "
+          f"{cfg.settings.load.drain_timeout_s:g} s to finish", file=sys.stderr)
     stop()
+    print("guardrail: stopped", file=sys.stderr)
     return None
 
 
@@ -199,11 +203,17 @@ def _start_ray(cfg: ServeConfig, address: str | None, num_gpus: float | None) ->
     started = not ray.is_initialized()
     if started and not address:
         _bind(cfg.host, cfg.port).close()  # else a running Serve may own the port already
+    # Ray's own lines (its actors' logs, Serve's progress) go to Ray's log files, not to this
+    # console: the console shows ours, and where Ray's are
+    quiet = {"include_dashboard": False, "logging_level": "error", "log_to_driver": False}
     if started and address:
-        ray.init(address=address, include_dashboard=False, logging_level="warning")
+        ray.init(address=address, **quiet)
     elif started:
-        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1),
-                 include_dashboard=False, logging_level="warning")
+        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1), **quiet)
+    logging.getLogger("ray.serve").setLevel(logging.ERROR)
+    logs = _ray_logs()
+    if started and logs:
+        print(f"guardrail: Ray's own logs are in {logs}", file=sys.stderr)
 
     def stop() -> None:
         """Drain first: the ingress answers new requests 503 with Retry-After and finishes the
@@ -243,7 +253,9 @@ def _start_ray(cfg: ServeConfig, address: str | None, num_gpus: float | None) ->
     except BaseException as err:
         stop()
         if isinstance(err, RuntimeError):
-            raise ModelError(f"the application did not start ({_first_line(err)})") from None
+            where = f"; the replicas' logs are in {logs}" if logs else ""
+            raise ModelError(f"the application did not start ({_first_line(err)}){where}"
+                             ) from None
         raise
     return stop
 
@@ -281,6 +293,16 @@ def _start_local(cfg: ServeConfig) -> tuple[Callable[[], None], int]:
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
+
+def _ray_logs() -> str | None:
+    """The folder of this Ray session's log files, where Ray can tell."""
+    try:
+        import ray
+
+        return ray._private.worker.global_worker.node.get_logs_dir_path()
+    except Exception:  # noqa: BLE001 - a private API: no path is better than no service
+        return None
 
 
 def _local_gpus() -> int:
