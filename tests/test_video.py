@@ -390,3 +390,21 @@ def test_thin_videos_are_a_typed_error(width, height):
     data = videos.encode_video("mp4_h264", num_frames=3, width=width, height=height)
     with pytest.raises(VideoError, match=f"frame size {width}x{height} is too thin"):
         load_video(data)
+
+
+def test_torch_still_works_after_decord_decoded_first(video_files):
+    """decord loads NVBLAS; a torch imported after it segfaulted in its first matmul. A
+    process that decodes before it judges (the CLI's `video probe` then `check` in one
+    process, a service ingress) must still run the model."""
+    import subprocess
+    import sys
+
+    if not DECODERS["decord"].available():
+        pytest.skip("decord is not installed")
+    code = ("import sys\nfrom guardrail.video import load_video\n"
+            f"load_video({str(video_files['mp4_h264'])!r}, backend='decord')\n"
+            "import torch\nm = torch.nn.Linear(256, 256)\n"
+            "print(float(m(torch.ones(64, 256)).sum()) == float(m(torch.ones(64, 256)).sum()))")
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert got.returncode == 0 and got.stdout.strip() == "True", got.stderr[-2000:]

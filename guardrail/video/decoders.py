@@ -60,6 +60,11 @@ class DecordDecoder:
 
     def __init__(self, source: _Source, info: VideoInfo, deadline: _Deadline,
                  timeline: Timeline, size: tuple[int, int] | None = None) -> None:
+        # NOTE: torch before decord: decord loads NVBLAS, which then takes over the CPU BLAS
+        # of a torch imported after it ("[NVBLAS] CPU Blas library need to be provided", then
+        # a segfault in the first matmul). Commands that never decode (policy ..., --help)
+        # import neither.
+        import torch  # noqa: F401
         import decord  # noqa: F401 - imported here once, so that forked children have it
 
         self._deadline = deadline
