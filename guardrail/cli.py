@@ -61,7 +61,8 @@ def policy_validate(files: Annotated[list[Path], typer.Argument(help="Policy YAM
             for line in error.messages:
                 err.print(line, markup=False, soft_wrap=True)
             continue
-        out.print(f"ok {path} ({pset.name} v{pset.version}, {len(pset.categories)} categories)",
+        n = len(pset.categories)
+        out.print(f"ok {path} ({pset.name} v{pset.version}, {n} categor{'y' if n == 1 else 'ies'})",
                   markup=False)
     if failed:
         raise typer.Exit(2)
@@ -235,8 +236,11 @@ def policy_diff(
         out.print(f"- {cid} ({names[cid]})", markup=False)
     for c in d["changed"]:
         out.print(f"~ {c['id']} ({names[c['id']]}): {', '.join(c['fields'])}", markup=False)
+    if (a.name, a.version) != (b.name, b.version):
+        out.print(f"set: {a.name} v{a.version} -> {b.name} v{b.version}", markup=False)
     if not any(d.values()):
-        out.print(f"no change ({a.name} v{a.version} -> {b.name} v{b.version})", markup=False)
+        out.print(f"no category changes ({a.name} v{a.version} -> {b.name} v{b.version})",
+                  markup=False)
 
 
 def _rule(title: str) -> None:

@@ -57,6 +57,7 @@ def bench_run(
     decoder: Annotated[str, typer.Option(help="Video decoder: auto | decord | pyav")] = "auto",
     limit: Annotated[int | None, typer.Option(help="Only the first N videos.")] = None,
     batch: Annotated[int, typer.Option(
+        "--batch-size", "--batch",
         help="Videos per engine call (their windows share forward passes).")] = 1,
     ray: Annotated[bool, typer.Option("--ray", help="Spread videos over Ray workers.")] = False,
     ray_workers: Annotated[int, typer.Option(help="Ray workers, one engine each.")] = 2,
@@ -89,10 +90,16 @@ def bench_run(
     spec = EngineSpec(model, pset, device, dtype, tuple(options), engine_name,
                       tuple(sorted((vllm_settings(vllm_option) or {}).items())))
     ray_opts = RayOptions(ray_workers, ray_cpus, ray_gpus, ray_address) if ray else None
-    with ProgressBar(enabled=not as_json and sys.stderr.isatty()) as bar:
-        result = run(data, spec, out_dir, ray=ray_opts, batch=batch,
-                     on_start=lambda todo, done: bar.start(todo, f"judging ({done} done before)"),
-                     on_done=lambda _: bar.step(), on_group=bar.tracker)
+    try:
+        with ProgressBar(enabled=not as_json and sys.stderr.isatty()) as bar:
+            result = run(data, spec, out_dir, ray=ray_opts, batch=batch,
+                         on_start=lambda todo, done: bar.start(todo,
+                                                               f"judging ({done} done before)"),
+                         on_done=lambda _: bar.step(), on_group=bar.tracker)
+    except KeyboardInterrupt:
+        err.print(f"interrupted; every video judged so far is kept in {out_dir / PREDICTIONS}: "
+                  "run the same command again to go on", markup=False)
+        raise typer.Exit(130) from None
     err.print(f"judged {result.judged} videos, {result.failed} failed, {result.skipped} already "
               f"done, in {result.elapsed_s:.1f} s", markup=False)
     _score_and_report([out_dir / PREDICTIONS], data, out_dir, calibration, as_json)

@@ -189,6 +189,9 @@ def _config_changes(engine: GuardEngine, req: JudgeRequest) -> dict:
 
 def load_engine(settings: ServiceSettings) -> GuardEngine:
     """The engine a replica serves with: the model, and the registry's default policy set."""
+    from guardrail.console import quiet_transformers
+
+    quiet_transformers()          # no weight-loading bar in a replica's log
     registry = PolicyRegistry(settings.policies_dir, settings.policy_set)
     return GuardEngine.from_pretrained(
         settings.model, policies=registry.get(settings.policy_set), device=settings.device,

@@ -238,7 +238,7 @@ def _decode_image(data: bytes, limits: VideoLimits) -> tuple[np.ndarray, str, in
             if size != img.size:
                 img.draft("RGB", size)           # JPEG: decode at a fraction of the size
                 img = img.convert("RGB").resize(size, Image.Resampling.BILINEAR)
-            return np.asarray(img.convert("RGB")), fmt, len(data)
+            return np.array(img.convert("RGB")), fmt, len(data)   # writable, as frames are
     except VideoError:
         raise
     except Image.DecompressionBombError as err:
