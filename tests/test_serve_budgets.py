@@ -147,10 +147,10 @@ def test_a_trickled_body_is_408_and_frees_its_slot(live, clip):
     url, moderator = live
     started = time.monotonic()
     conns = [_trickle(url, "/v1/moderate", 100_000) for _ in range(2)]    # every slot
-    serve_fixtures.wait_for(lambda: moderator.inflight == 2, 10, "slots not taken")
+    serve_fixtures.wait_for(lambda: moderator.inflight == 2, 30, "slots not taken")
     replies = []
     for conn in conns:
-        conn.settimeout(15)
+        conn.settimeout(30)
         data = b""
         while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
             chunk = conn.recv(4096)
@@ -159,7 +159,7 @@ def test_a_trickled_body_is_408_and_frees_its_slot(live, clip):
             data += chunk
         replies.append(data.decode("latin-1"))
         conn.close()
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 30     # the pace rule (0.5 s here), not the 130 s
     for reply in replies:
         assert reply.startswith("HTTP/1.1 408"), reply[:200]
         assert "request_timeout" in reply and "connection: close" in reply.lower()
