@@ -112,12 +112,19 @@ def _figure(width: float = 6.0, height: float = 4.0):
 
 def plot_f1(metrics: dict, path: Path) -> None:
     ids = list(metrics["per_category"])
-    f1 = [metrics["per_category"][c]["f1"] for c in ids]
-    sw = [metrics["safewatch"]["per_category"].get(c, {}).get("f1", 0.0) for c in ids]
+    # a category without a positive label has no F1 to show: no bar (not a zero one), marked
+    unlabelled = {c for c in ids if not metrics["counts"]["per_category"][c]["support"]}
+    f1 = [np.nan if c in unlabelled else metrics["per_category"][c]["f1"] for c in ids]
+    sw = [np.nan if c in unlabelled else
+          metrics["safewatch"]["per_category"].get(c, {}).get("f1", 0.0) for c in ids]
     fig, ax = _figure(max(4.0, 0.8 * len(ids) + 2), 4.0)
     x = np.arange(len(ids))
     ax.bar(x - 0.2, f1, 0.4, label="F1 (binary per category)")
     ax.bar(x + 0.2, sw, 0.4, label="SafeWatch F1")
+    for i, c in enumerate(ids):
+        if c in unlabelled:
+            ax.text(i, 0.02, "no positives", ha="center", va="bottom", rotation=90,
+                    fontsize="small", color="grey")
     ax.set_xticks(x, ids)
     ax.set_ylim(0, 1)
     ax.set_ylabel("F1")
@@ -132,8 +139,8 @@ def plot_pr(scored: Scored, path: Path) -> None:
     y = np.array([bool(labels) for labels in rows.labels], bool)
     recall, precision = pr_curve(y, unsafe_score(rows.scores))
     fig, ax = _figure(5.0, 4.5)
-    if len(recall):
-        ax.step(recall, precision, where="pre",
+    if len(recall):     # the (0, 1) anchor AP counts from is not a measured point: not drawn
+        ax.step(recall[1:], precision[1:], where="pre", marker=".",
                 label=f"AP {scored.metrics['binary']['auprc']:.3f}")
         ax.legend(loc="lower left")
     else:

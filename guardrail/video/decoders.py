@@ -63,8 +63,8 @@ class DecordDecoder:
         # NOTE: torch before decord: decord loads NVBLAS, which then takes over the CPU BLAS
         # of a torch imported after it ("[NVBLAS] CPU Blas library need to be provided", then
         # a segfault in the first matmul). Commands that never decode (policy ..., --help)
-        # import neither.
-        import torch  # noqa: F401
+        # import neither. (import_module: an import sorter must not put torch second.)
+        importlib.import_module("torch")
         import decord  # noqa: F401 - imported here once, so that forked children have it
 
         self._deadline = deadline
