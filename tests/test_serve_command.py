@@ -242,8 +242,11 @@ def test_serve_with_a_missing_model_is_one_line_before_ray_starts(tmp_path):
     probe = ("import sys\nfrom guardrail.cli import main\nsys.argv = ['guardrail', *sys.argv[1:]]"
              "\ntry:\n    main()\nexcept SystemExit as e:\n    print('ray' in sys.modules and "
              "sys.modules['ray'].is_initialized(), file=sys.stderr)\n    raise\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     got = subprocess.run([sys.executable, "-c", probe, "serve", "--model", str(tmp_path / "nope"),
-                          "--port", "0"], capture_output=True, text=True, timeout=120)
+                          "--port", str(port)], capture_output=True, text=True, timeout=120)
     lines = got.stderr.strip().splitlines()
     assert got.returncode == 2, got.stderr[-2000:]
     assert lines == [f"{tmp_path / 'nope'}: no such model directory; make a test model "

@@ -78,10 +78,6 @@ def serve(model: str | None = None, config: str | os.PathLike | None = None,
     cfg = load_config(config, model=model, host=host, port=port, api_keys=api_keys,
                       jobs_db=jobs_db, policies_dir=policies_dir)
     cfg.settings.check_auth()
-    # a missing or unreadable model is one line here, not a replica failing inside Ray
-    from guardrail.adapters.registry import locate_model
-
-    locate_model(cfg.settings.model)
     # caught from here on: a SIGTERM while starting still drains and exits cleanly
     stopping = _catch_signals(threading.Event(), signal.SIGTERM) if block else None
     if backend not in ("ray", "local"):
@@ -198,11 +194,14 @@ def _start_ray(cfg: ServeConfig, address: str | None, num_gpus: float | None) ->
     import ray
     from ray import serve as ray_serve
 
+    from guardrail.adapters.registry import locate_model
     from guardrail.serve.deployment import INGRESS, MODEL, GuardIngress, GuardModel
 
     started = not ray.is_initialized()
     if started and not address:
         _bind(cfg.host, cfg.port).close()  # else a running Serve may own the port already
+    # a missing or unreadable model is one line here, not a replica failing inside Ray
+    locate_model(cfg.settings.model)
     # Ray's own lines (its actors' logs, Serve's progress) go to Ray's log files, not to this
     # console: the console shows ours, and where Ray's are
     quiet = {"include_dashboard": False, "logging_level": "error", "log_to_driver": False}
