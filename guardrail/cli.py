@@ -380,6 +380,7 @@ def check(
     from guardrail.engine import GuardEngine
     from guardrail.policy import load_policies
     from guardrail.video import SamplingConfig, VideoLimits, check_media, load_media
+    from guardrail.video.prefetch import prefetch
 
     quiet_transformers()
     sampling = SamplingConfig(mode=sampling_mode, num_frames=frames, window_s=window,
@@ -406,19 +407,29 @@ def check(
         keep_ratio=keep_ratio, pruning_mode=pruning_mode, batch_size=batch_size,
         sampling=sampling, max_new_tokens=max_new_tokens, decoder=decoder,
         calibration=calibration, engine=engine_name, vllm=vllm_settings(vllm_option))
+    def decode(paths: list[Path]) -> list[tuple[Path, object]]:
+        """(path, Video or the VideoError) of each: runs ahead of the model, on a thread."""
+        out = []
+        for path in paths:
+            try:
+                out.append((path, load_media(path, sampling, engine.config.limits, decoder)))
+            except VideoError as error:
+                out.append((path, error))
+        return out
+
+    batches = [videos[s: s + batch_size] for s in range(0, len(videos), batch_size)]
     with ProgressBar(enabled=not as_json and sys.stderr.isatty()) as bar:
         bar.start(len(videos))
-        for start in range(0, len(videos), batch_size):
+        for _, results in prefetch(batches, decode):     # the next batch decodes meanwhile
             decoded = []
-            for path in videos[start: start + batch_size]:
-                try:
-                    decoded.append((path, load_media(path, sampling, engine.config.limits,
-                                                     decoder)))
-                except VideoError as error:
+            for path, got in results:
+                if isinstance(got, VideoError):
                     bad += 1
                     with bar.aside():
-                        fail(error, str(path))
+                        fail(got, str(path))
                     bar.step()
+                else:
+                    decoded.append((path, got))
             if not decoded:
                 continue
             verdicts = engine.check_batch([v for _, v in decoded],

@@ -269,3 +269,25 @@ def test_bench_score_compares_several_runs(tmp_path):
         m = json.loads((out / name / "metrics.json").read_text())
         assert m["n_videos"] == 7 and m["n_failed"] == 0
         assert (out / name / "report.md").is_file()
+
+
+def test_decoding_ahead_changes_no_prediction(model, dataset, local_run, tmp_path):
+    """The default run decodes groups ahead of the engine; with --prefetch 0 each group is
+    decoded when the engine is ready for it: the same predictions and failures either way
+    (batches of 2: groups mix readable, corrupt and missing videos)."""
+    outs = {}
+    for ahead in ("0", "2"):
+        out = tmp_path / f"ahead{ahead}"
+        res = CliRunner().invoke(bench_app, ["run", "--dataset", str(dataset), "--model",
+                                             str(model), "--out", str(out), "--device", "cpu",
+                                             "--batch-size", "2", "--prefetch", ahead])
+        assert res.exit_code == 0, res.output
+        assert "judged 4 videos, 2 failed" in res.stderr and "waiting for decoded" in res.stderr
+        outs[ahead] = out
+    serial, ahead = (scores_by_video(outs[a] / "predictions.jsonl") for a in ("0", "2"))
+    assert serial.keys() == ahead.keys() == scores_by_video(local_run / "predictions.jsonl").keys()
+    for video, scores in serial.items():
+        assert scores == pytest.approx(ahead[video], abs=1e-6)
+    failed = [json.loads(x)["video_path"] for x in (outs["2"] / "failed.jsonl").read_text()
+              .splitlines()]
+    assert sorted(failed) == ["real/videos/bad.mp4", "real/videos/gone.mp4"]

@@ -59,6 +59,9 @@ def bench_run(
     batch: Annotated[int, typer.Option(
         "--batch-size", "--batch",
         help="Videos per engine call (their windows share forward passes).")] = 1,
+    prefetch: Annotated[int, typer.Option(
+        help="Groups of videos decoded ahead of the model, on other threads (0: decode each "
+             "group when the model is ready for it).")] = 2,
     ray: Annotated[bool, typer.Option("--ray", help="Spread videos over Ray workers.")] = False,
     ray_workers: Annotated[int, typer.Option(help="Ray workers, one engine each.")] = 2,
     ray_cpus: Annotated[float, typer.Option(help="CPUs per Ray worker.")] = 1.0,
@@ -92,7 +95,7 @@ def bench_run(
     ray_opts = RayOptions(ray_workers, ray_cpus, ray_gpus, ray_address) if ray else None
     try:
         with ProgressBar(enabled=not as_json and sys.stderr.isatty()) as bar:
-            result = run(data, spec, out_dir, ray=ray_opts, batch=batch,
+            result = run(data, spec, out_dir, ray=ray_opts, batch=batch, prefetch=prefetch,
                          on_start=lambda todo, done: bar.start(todo,
                                                                f"judging ({done} done before)"),
                          on_done=lambda _: bar.step(), on_group=bar.tracker)
@@ -100,8 +103,10 @@ def bench_run(
         err.print(f"interrupted; every video judged so far is kept in {out_dir / PREDICTIONS}: "
                   "run the same command again to go on", markup=False)
         raise typer.Exit(130) from None
+    waited = (f" (waiting for decoded videos {result.input_wait_s:.1f} s)"
+              if result.input_wait_s is not None and result.judged else "")
     err.print(f"judged {result.judged} videos, {result.failed} failed, {result.skipped} already "
-              f"done, in {result.elapsed_s:.1f} s", markup=False)
+              f"done, in {result.elapsed_s:.1f} s{waited}", markup=False)
     _score_and_report([out_dir / PREDICTIONS], data, out_dir, calibration, as_json)
 
 

@@ -94,41 +94,39 @@ class RunResult:
     failed: int                      # failures recorded by this call
     skipped: int                     # videos already in predictions.jsonl
     elapsed_s: float                 # judging time of this call (engine loading excluded)
+    input_wait_s: float | None = None  # of it, the engine waiting for decoded videos (local)
 
 
-def judge_one(engine, item: Item, progress: Progress | None = None) -> Outcome:
-    """The verdict of one video; a missing or unreadable video is an error outcome, not a raise."""
-    if not item.exists:
-        return _missing(item)
-    try:
-        verdict = engine.check_batch([item.path], progress=progress)[0]
-    except (VideoError, OSError) as error:
-        return _failed(item, error)
-    return Outcome(item.video_path, verdict.model_dump(mode="json"), None)
+Decoded = tuple[dict[int, "Outcome"], list[tuple[int, Any, float]]]   # failures, (i, Video, ms)
 
 
-def judge_group(engine, items: list[Item], progress: Progress | None = None) -> list[Outcome]:
-    """Outcomes of several videos in input order: each is decoded on its own (a bad one fails
-    alone), then the readable ones share `check_batch` (windows batched per forward pass).
-    `progress` is the engine's progress callback for the call."""
-    if len(items) == 1:
-        return [judge_one(engine, items[0], progress)]
+def decode_group(config, items: list[Item]) -> Decoded:
+    """Decode each video of a group on its own (a bad one fails alone): the error outcomes by
+    position, and (position, Video, decode ms) of the readable ones. No model work: runs ahead
+    of the engine (`guardrail.video.prefetch`)."""
     from guardrail.video import load_video
 
-    cfg = engine.config
     outcomes: dict[int, Outcome] = {}
-    decoded: list[tuple[int, object, float]] = []           # (index, Video, decode ms)
+    decoded: list[tuple[int, Any, float]] = []
     for i, item in enumerate(items):
         if not item.exists:
             outcomes[i] = _missing(item)
             continue
         t0 = time.perf_counter()
         try:
-            video = load_video(item.path, cfg.sampling, cfg.limits, cfg.decoder)
+            video = load_video(item.path, config.sampling, config.limits, config.decoder)
         except (VideoError, OSError) as error:
             outcomes[i] = _failed(item, error)
             continue
         decoded.append((i, video, (time.perf_counter() - t0) * 1e3))
+    return outcomes, decoded
+
+
+def judge_decoded(engine, items: list[Item], ready: Decoded,
+                  progress: Progress | None = None) -> list[Outcome]:
+    """Outcomes of a decoded group in input order: the readable videos share `check_batch`
+    (windows batched per forward pass)."""
+    outcomes, decoded = dict(ready[0]), ready[1]
     verdicts = engine.check_batch([video for _, video, _ in decoded],
                                   progress=progress) if decoded else []
     for (i, _, ms), verdict in zip(decoded, verdicts, strict=True):
@@ -137,6 +135,11 @@ def judge_group(engine, items: list[Item], progress: Progress | None = None) -> 
         data["timing_ms"]["total"] += ms
         outcomes[i] = Outcome(items[i].video_path, data, None)
     return [outcomes[i] for i in range(len(items))]
+
+
+def judge_group(engine, items: list[Item], progress: Progress | None = None) -> list[Outcome]:
+    """`decode_group` then `judge_decoded`, one after the other."""
+    return judge_decoded(engine, items, decode_group(engine.config, items), progress)
 
 
 def _missing(item: Item) -> Outcome:
@@ -155,11 +158,12 @@ def groups(items: list[Item], size: int) -> list[list[Item]]:
 def run(dataset: Dataset, spec: EngineSpec, out_dir: str | Path, ray: RayOptions | None = None,
         batch: int = 1, on_done: Callable[[Outcome], None] | None = None,
         on_start: Callable[[int, int], None] | None = None,
-        on_group: Callable[[int], Progress] | None = None) -> RunResult:
+        on_group: Callable[[int], Progress] | None = None, prefetch: int = 2) -> RunResult:
     """Judge every video of `dataset` not yet in `out_dir/predictions.jsonl`, `batch` videos per
     engine call. `on_start(todo, done)` is called once the engines are ready, `on_done` after
     each video; locally, `on_group(n)` gives the engine's progress callback for a call judging
-    n videos (windows are reported as they finish; Ray workers report per video only)."""
+    n videos (windows are reported as they finish; Ray workers report per video only).
+    Locally, `prefetch` groups are decoded ahead of the engine (0: one after the other)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, dataset, spec)
@@ -170,7 +174,8 @@ def run(dataset: Dataset, spec: EngineSpec, out_dir: str | Path, ray: RayOptions
     by_path = {item.video_path: item for item in todo}
     judged = failed = 0
     elapsed = 0.0
-    with _judges(spec, groups(todo, batch), ray, on_group) as stream, \
+    judges = _judges(spec, groups(todo, batch), ray, on_group, prefetch)
+    with judges as stream, \
             LineWriter(out / PREDICTIONS) as preds, LineWriter(out / FAILED) as fails:
         if on_start:
             on_start(len(todo), len(done))
@@ -189,7 +194,8 @@ def run(dataset: Dataset, spec: EngineSpec, out_dir: str | Path, ray: RayOptions
                 on_done(outcome)
         elapsed = time.perf_counter() - t0
     _record_session(out, judged, failed, len(done), elapsed, ray)
-    return RunResult(out, judged, failed, len(done), elapsed)
+    waited = judges.feed.waited_s if judges.feed is not None else None
+    return RunResult(out, judged, failed, len(done), elapsed, waited)
 
 
 # ----------------------------------------------------------------------------- judges
@@ -199,18 +205,24 @@ class _judges:
     loaded on enter."""
 
     def __init__(self, spec: EngineSpec, groups: list[list[Item]], ray: RayOptions | None,
-                 on_group: Callable[[int], Progress] | None = None):
+                 on_group: Callable[[int], Progress] | None = None, ahead: int = 2):
         self.spec, self.groups, self.ray, self.on_group = spec, groups, ray, on_group
+        self.ahead = ahead                  # groups decoded ahead of the engine (local runs)
         self.pool: _RayPool | None = None
+        self.feed = None                    # the local prefetch (its waited_s: input stalls)
 
     def __enter__(self) -> Iterable[Outcome]:
         if not self.groups:
             return iter(())
         if self.ray is None:
+            from guardrail.video.prefetch import prefetch
+
             engine = self.spec.build()
             track = self.on_group or (lambda n: None)
-            return (o for group in self.groups
-                    for o in judge_group(engine, group, track(len(group))))
+            self.feed = prefetch(self.groups, lambda g: decode_group(engine.config, g),
+                                 ahead=self.ahead)
+            return (o for group, ready in self.feed
+                    for o in judge_decoded(engine, group, ready, track(len(group))))
         self.pool = _RayPool(self.spec, self.ray)
         return self.pool.map(self.groups)
 
