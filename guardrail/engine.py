@@ -291,7 +291,8 @@ class GuardEngine:
     # ------------------------------------------------------------------ one batch of windows
 
     def _explain_input(self, batch: Batch, row: int) -> tuple:
-        """What `_explain` needs of one judged window: (item, cache, slots) of its prompt."""
+        """What `_explain` needs of one judged window: (item, cache tensors, slots) of its
+        prompt."""
         return (_text_only(batch.items[row]), *batch.row(row))
 
     def judge(self, clips: list) -> tuple[list[WindowResult], Batch]:
@@ -332,14 +333,14 @@ class GuardEngine:
         kept = prefill(batch, start, self.config.pruning)
         t2 = self._clock()
         first = items[0].probe_start
-        n_before = batch.slots.shape[1]
+        before = list(batch.lengths)
         hidden, _ = batch.step([torch.arange(it.probe_start, it.layout.length, device=HOST)
                                 for it in items])
         last = torch.tensor([items[0].layout.span(f"R{i}").stop - 1 - first
                              for i in range(len(self.tokens.probes))], device=self.adapter.device)
         pair = self.adapter.answer_logits(hidden[:, last], self._answer_rows)   # [B, m, 2] fp32
         scores = [self._calibrated(s) for s in probe_scores(pair).cpu()]        # one copy
-        batch.truncate(n_before)
+        batch.truncate(before)
         t3 = self._clock()
         share = 1.0 / len(inputs)
         results = [WindowResult(s, int(it.visual.sum()), k, (t2 - t1) * 1e3 * share,
@@ -396,8 +397,8 @@ class GuardEngine:
     def _explain(self, rows: list[tuple], flags: list[list[bool]],
                  progress: Progress | None = None) -> tuple[list[Explanation], list[float]]:
         """Decode the answer text of several windows together, `batch_size` rows at a time.
-        rows: (item, cache, slots) of each window's prompt cache (probes removed). Returns the
-        explanations and each one's share of the decoding time in ms."""
+        rows: (item, cache tensors, slots) of each window's prompt cache (probes removed).
+        Returns the explanations and each one's share of the decoding time in ms."""
         texts, times = [], []
         size, keys = self.config.batch_size, self.tokens.keys
         if progress and rows:

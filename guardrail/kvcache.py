@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 Tensors = list[tuple[torch.Tensor, torch.Tensor]]   # per layer (keys, values) [B, H, T, D]
 
@@ -51,3 +52,79 @@ def repeat(tensors: Tensors, batch: int) -> Tensors:
     """Batch-1 tensors -> `batch` identical rows."""
     return [(k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous())
             for k, v in tensors]
+
+
+class Columns:
+    """Where the next forward writes its new entries, shared by a cache's `SlotLayer`s and set
+    by the runner before each forward: from column `start` in every row, or (rows out of step)
+    from `cols` [B, n] (device), one column per new token of each row. `width`: how many
+    columns the forward's attention reads."""
+
+    def __init__(self) -> None:
+        self.start, self.cols, self.width = 0, None, 0
+
+
+class SlotLayer(DynamicLayer):
+    """One layer's keys and values in buffers allocated once, [B, H, capacity, D]: a forward
+    writes its new entries into them in place (a slice copy, or a scatter when rows are out of
+    step) and attention reads a view of the first `columns.width` columns. No `torch.cat` per
+    step, and no copy of the cache ever, unlike DynamicLayer."""
+
+    def __init__(self, columns: Columns, capacity: int):
+        super().__init__()
+        self.columns, self.capacity = columns, capacity
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor,
+                            batch: int | None = None) -> None:
+        b, h, _, d = key_states.shape
+        b = batch or b
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.k_buf = key_states.new_zeros(b, h, self.capacity, d)   # zeros: masked columns
+        self.v_buf = value_states.new_zeros(b, h, self.capacity, value_states.shape[-1])
+        self._view(0)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        c = self.columns
+        if c.cols is None:
+            n = key_states.shape[-2]
+            self.k_buf[:, :, c.start: c.start + n] = key_states
+            self.v_buf[:, :, c.start: c.start + n] = value_states
+        else:
+            where = c.cols[:, None, :, None]
+            self.k_buf.scatter_(2, where.expand_as(key_states), key_states)
+            self.v_buf.scatter_(2, where.expand_as(value_states), value_states)
+        self._view(c.width)
+        return self.keys, self.values
+
+    def _view(self, width: int) -> None:
+        self.keys, self.values = self.k_buf[:, :, :width], self.v_buf[:, :, :width]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove < 0 and self.is_initialized:
+            self._view(self.keys.shape[-2] + tokens_to_remove)
+
+    def grow(self, capacity: int) -> None:
+        """Bigger buffers (entries kept); only when a plan outgrew the capacity it was given."""
+        self.capacity = capacity
+        if self.is_initialized:
+            width = self.keys.shape[-2]
+            k, v = self.k_buf, self.v_buf
+            self.k_buf = k.new_zeros(*k.shape[:2], capacity, k.shape[-1])
+            self.v_buf = v.new_zeros(*v.shape[:2], capacity, v.shape[-1])
+            self.k_buf[:, :, : k.shape[2]] = k
+            self.v_buf[:, :, : v.shape[2]] = v
+            self._view(width)
+
+
+def preallocated(cache: Any, columns: Columns, capacity: int) -> Any:
+    """`cache` (a fresh DynamicCache) with every layer a `SlotLayer` of `capacity` columns."""
+    kinds = {type(layer) for layer in cache.layers}
+    if kinds - {DynamicLayer}:
+        raise NotImplementedError(f"no preallocated form of cache layers {sorted(map(str, kinds))}"
+                                  " (sliding-window and other special layers)")
+    cache.layers = [SlotLayer(columns, capacity) for _ in cache.layers]
+    return cache

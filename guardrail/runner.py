@@ -15,12 +15,11 @@ comparing a mask.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from guardrail.adapters.base import ModelAdapter, VisualFeatures
-from guardrail.kvcache import Tensors, filled, gather, layers, repeat, truncate
+from guardrail.kvcache import Columns, Tensors, layers, preallocated
 from guardrail.layout import HOST, Layout, Visibility, additive_mask
 
 
@@ -91,19 +90,27 @@ class _Tables:
 
 
 class Batch:
-    """A KV cache for several windows plus the slot map that says what each entry is."""
+    """A KV cache for several windows plus the slot map that says what each entry is.
 
-    def __init__(self, adapter: ModelAdapter, items: list[Item], cache: Any = None,
-                 slots: torch.Tensor | None = None, room: int = 0):
+    The cache is allocated once per batch (`kvcache.SlotLayer`, room for every row's layout and
+    `room` answer tokens) and each row's entries are kept together from column 0: row b holds
+    `lengths[b]` entries, and a step writes row b's new tokens right after them. Rows in step
+    (equal lengths) write one slice; rows out of step write a scatter, and attention sees the
+    columns past a row's end as padding."""
+
+    def __init__(self, adapter: ModelAdapter, items: list[Item], room: int = 0):
         self.adapter = adapter
         self.items = items
         self.device = adapter.device
-        self.cache = cache if cache is not None else adapter.new_cache()
-        self.slots = (slots.to(HOST) if slots is not None                  # [B, K] host plan
-                      else torch.empty(len(items), 0, dtype=torch.long, device=HOST))
-        self._keys = self.slots.to(self.device)                             # [B, K] device
-        self._padded = bool((self.slots < 0).any())
         self._tables = _Tables(items, self.device, room)
+        self._columns = Columns()
+        self.capacity = self._tables.width
+        self.cache = preallocated(adapter.new_cache(), self._columns, self.capacity)
+        self.lengths = [0] * len(items)                      # cache entries per row
+        self.slots = torch.empty(len(items), 0, dtype=torch.long, device=HOST)  # [B, K] host
+        self._keys = torch.full((len(items), self.capacity), -1, dtype=torch.long,
+                                device=self.device)          # [B, capacity] slot per column
+        self.grown = 0                                       # times the buffers had to grow
         feats = [it.feats for it in items]
         self._embeds = torch.cat([f.embeds for f in feats]).to(self.device)  # [sum Nv, D]
         self._deepstack = tuple(torch.cat(layer).to(self.device)
@@ -114,14 +121,33 @@ class Batch:
         """Append tokens `new[b]` (indices into row b's tables: layout tokens, or answer tokens
         written by `extend`) and run them. Returns hidden [B, n, D] and the padded indices
         [B, n] (host). `capture`, if given, is `(layer, fn)` with fn(query, key, mask, scaling,
-        keys) called at that layer (see adapters.attention), with mask [B, n, K + n] additive
-        fp32 and keys [B, K + n] the slot of every key (host)."""
+        keys) called at that layer (see adapters.attention), with mask [B, n, K] additive
+        fp32 and keys [B, K] the slot of every key column (host, -1 for padding)."""
         t = self._tables
         idx = pad_rows(new)                                              # [B, n] host
-        keys = torch.cat([self.slots, idx], dim=1)                       # [B, K + n] host
-        padded = self._padded or bool((idx < 0).any())
-        q = idx.to(self.device, non_blocking=True)                       # the step's one copy
-        k = torch.cat([self._keys, q], dim=1)
+        n = idx.shape[1]
+        starts = torch.tensor(self.lengths, dtype=torch.long, device=HOST)
+        counts = (idx >= 0).sum(1)
+        in_step = bool((starts == starts[0]).all())
+        self._reserve(int(starts.max()) + n)
+        cols = starts[:, None] + torch.arange(n, device=HOST)            # [B, n] host
+        if in_step:
+            q = idx.to(self.device, non_blocking=True)                   # the step's one copy
+            self._keys[:, self.lengths[0]: self.lengths[0] + n] = q
+            self._columns.cols = None
+        else:
+            q, dcols = torch.stack([idx, cols]).to(self.device, non_blocking=True)
+            self._keys.scatter_(1, dcols, q)
+            self._columns.cols = dcols
+        self.lengths = (starts + counts).tolist()
+        width = max(self.lengths)                  # columns the step's attention reads
+        keys = torch.full((len(new), int(starts.max()) + n), -1, dtype=torch.long, device=HOST)
+        keys[:, : self.slots.shape[1]] = self.slots
+        keys.scatter_(1, cols, idx)
+        keys = keys[:, :width]                                           # [B, K] host
+        self._columns.start, self._columns.width = int(starts[0]), width
+        k = self._keys[:, :width]
+        padded = bool((keys < 0).any())
         qc = q.clamp(min=0)
         ids = t.ids.gather(1, qc)                                        # [B, n]
         positions = t.pos.gather(2, qc.expand(t.pos.shape[0], -1, -1))   # [rows, B, n]
@@ -150,9 +176,8 @@ class Batch:
             with self.adapter.capture.capture(layer, lambda qq, kk, s: fn(qq, kk, mask, s, keys)):
                 hidden = self.adapter.forward(embeds, positions, vis, self.cache, visual,
                                               deepstack)
-        self.slots, self._keys, self._padded = keys, k, padded
+        self.slots = keys
         return hidden, idx
-
     def _visibility(self, q: torch.Tensor, k: torch.Tensor, causal: bool) -> Visibility:
         t = self._tables
         qc, kc = q.clamp(min=0), k.clamp(min=0)
@@ -193,51 +218,97 @@ class Batch:
 
     def keep(self, keep: list[torch.Tensor]) -> None:
         """Keep only cache entries whose slot index (per row, positions into the slot list) is in
-        `keep[b]`; rows are re-padded to the longest."""
+        `keep[b]` (ascending); each row's kept entries move to its first columns."""
         pos = pad_rows(keep, fill=0)                                     # [B, K'] host
         real = pad_rows(keep) >= 0
         self.slots = torch.where(real, self.slots.gather(1, pos), -1)
-        self.cache = gather(self.cache, self.adapter.new_cache(), pos.to(self.device))
-        self._keys = self.slots.to(self.device)
-        self._padded = bool((self.slots < 0).any())
+        self.lengths = real.sum(1).tolist()
+        width = max(self.lengths)
+        dev = pos.to(self.device)
+        with torch.inference_mode():
+            for layer in self.cache.layers:
+                for buf, now in ((layer.k_buf, layer.keys), (layer.v_buf, layer.values)):
+                    where = dev[:, None, :, None].expand(-1, now.shape[1], -1, now.shape[-1])
+                    buf[:, :, :width] = now.gather(2, where)
+                layer._view(width)
+        self._sync_keys()
 
-    def truncate(self, length: int) -> None:
-        truncate(self.cache, length)
-        self.slots, self._keys = self.slots[:, :length], self._keys[:, :length]
-        self._padded = bool((self.slots < 0).any())
+    def truncate(self, lengths: list[int]) -> None:
+        """Drop every row's entries after its first `lengths[b]` (see `lengths`)."""
+        self.lengths = list(lengths)
+        width = max(self.lengths)
+        cols = torch.arange(self.slots.shape[1], device=HOST)
+        self.slots = torch.where(cols < torch.tensor(lengths, device=HOST)[:, None], self.slots, -1)[:, :width]
+        for layer in self.cache.layers:
+            layer.crop(width - layer.keys.shape[-2])
+        self._sync_keys()
 
-    def row(self, b: int) -> tuple[Any, torch.Tensor]:
-        """Row b alone, without padding: (a batch-1 cache, its slots [1, K_b])."""
-        real = (self.slots[b] >= 0).nonzero().flatten()
-        dev = real.to(self.device)
-        tensors = [(k[b: b + 1, :, dev], v[b: b + 1, :, dev]) for k, v in layers(self.cache)]
-        return filled(self.adapter.new_cache(), tensors), self.slots[b: b + 1, real]
+    def _sync_keys(self) -> None:
+        """The device's slot per column from the host's (after a change that is not a step)."""
+        self._keys.fill_(-1)
+        self._keys[:, : self.slots.shape[1]] = self.slots.to(self.device, non_blocking=True)
+
+    def _reserve(self, columns: int) -> None:
+        """Room for `columns` columns; grows the buffers (rare: a plan longer than the room the
+        batch was made with) by at least a quarter."""
+        if columns <= self.capacity:
+            return
+        self.capacity = max(columns, self.capacity + self.capacity // 4)
+        with torch.inference_mode():
+            for layer in self.cache.layers:
+                layer.grow(self.capacity)
+        keys = torch.full((len(self.items), self.capacity), -1, dtype=torch.long,
+                          device=self.device)
+        keys[:, : self._keys.shape[1]] = self._keys
+        self._keys = keys
+        self.grown += 1
+
+    def load(self, slots: torch.Tensor, rows: list[Tensors]) -> None:
+        """Fill an empty batch with cached entries: `rows` one list of per-layer (keys, values)
+        [1, H, K_b, D] per batch row, or a single one every row starts with; `slots` [B or 1, K]
+        their slots (host; each row's entries first, then -1)."""
+        assert not any(self.lengths), "load() needs an empty batch"
+        self.slots = slots.to(HOST).expand(len(self.items), -1).clone()
+        self.lengths = (self.slots >= 0).sum(1).tolist()
+        width = self.slots.shape[1]
+        self._reserve(width)
+        targets = [slice(None)] if len(rows) == 1 else [slice(b, b + 1) for b in range(len(rows))]
+        with torch.inference_mode():
+            for li, layer in enumerate(self.cache.layers):
+                for at, tensors in zip(targets, rows, strict=True):
+                    k, v = tensors[li]
+                    if not layer.is_initialized:
+                        layer.lazy_initialization(k, v, batch=len(self.items))
+                    layer.k_buf[at, :, : k.shape[2]] = k
+                    layer.v_buf[at, :, : v.shape[2]] = v
+                layer._view(width)
+        self._sync_keys()
+
+    def row(self, b: int) -> tuple[Tensors, torch.Tensor]:
+        """Row b alone, copied out of the batch: (per layer (keys, values) [1, H, K_b, D], its
+        slots [1, K_b])."""
+        n = self.lengths[b]
+        tensors = [(k[b: b + 1, :, :n].clone(), v[b: b + 1, :, :n].clone())
+                   for k, v in layers(self.cache)]
+        return tensors, self.slots[b: b + 1, :n]
 
 
 def batch_from_prefix(adapter: ModelAdapter, items: list[Item], tensors: Tensors, length: int
                       ) -> Batch:
     """A batch whose every row starts with the same cached prefix (layout tokens 0..length-1)."""
-    cache = filled(adapter.new_cache(), repeat(tensors, len(items)))
-    slots = torch.arange(length, device=HOST).expand(len(items), -1).clone()
-    return Batch(adapter, items, cache, slots)
+    batch = Batch(adapter, items)
+    batch.load(torch.arange(length, device=HOST)[None], [tensors])
+    return batch
 
 
-def batch_from_rows(adapter: ModelAdapter, rows: list[tuple[Item, Any, torch.Tensor]],
+def batch_from_rows(adapter: ModelAdapter, rows: list[tuple[Item, Tensors, torch.Tensor]],
                     room: int) -> Batch:
-    """One batch from batch-1 caches (item, cache, slots [1, K_b]) of earlier batches, rows
-    right-padded to the longest, with `room` answer tokens per row."""
+    """One batch from rows of earlier batches (item, tensors, slots [1, K_b], as `Batch.row`
+    gives them), with `room` answer tokens per row."""
     longest = max(int(s.shape[1]) for _, _, s in rows)
     slots = torch.full((len(rows), longest), -1, dtype=torch.long, device=HOST)
-    per_layer = None
-    for b, (_, cache, s) in enumerate(rows):
+    for b, (_, _, s) in enumerate(rows):
         slots[b, : s.shape[1]] = s[0]
-        tensors = layers(cache)
-        if per_layer is None:
-            per_layer = [(k.new_zeros(len(rows), k.shape[1], longest, k.shape[3]),
-                          v.new_zeros(len(rows), v.shape[1], longest, v.shape[3]))
-                         for k, v in tensors]
-        for (k_all, v_all), (k, v) in zip(per_layer, tensors, strict=True):
-            k_all[b, :, : k.shape[2]] = k[0]
-            v_all[b, :, : v.shape[2]] = v[0]
-    cache = filled(adapter.new_cache(), per_layer)
-    return Batch(adapter, [item for item, _, _ in rows], cache, slots, room=room)
+    batch = Batch(adapter, [item for item, _, _ in rows], room=room)
+    batch.load(slots, [tensors for _, tensors, _ in rows])
+    return batch

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from guardrail.engine import GuardEngine
-from guardrail.kvcache import filled, layers
+from guardrail.kvcache import layers
 from guardrail.layout import Visibility
 from guardrail.policy import load_policy
 from guardrail.probes import probe_scores
@@ -98,8 +98,8 @@ def test_parallel_equals_stitched_per_chunk_caches(engine, clip):
                  torch.cat([v] + [c[li][1][..., prefix_end:, :] for c in caches[1:]], dim=-2))
                 for li, (k, v) in enumerate(caches[0])]
     q = lay.span("Q")
-    batch = Batch(adapter, [Item(lay, visual, feats)], filled(adapter.new_cache(), stitched),
-                  torch.arange(q.start)[None])
+    batch = Batch(adapter, [Item(lay, visual, feats)])
+    batch.load(torch.arange(q.start)[None], [stitched])
     batch.step([torch.arange(q.start, q.stop)])
     probe_start = q.stop
     hidden, _ = batch.step([torch.arange(probe_start, lay.length)])
