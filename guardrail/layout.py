@@ -215,6 +215,14 @@ class Visibility:
         return Visibility(*e, causal=self.causal)
 
     @staticmethod
+    def columns(q_column: torch.Tensor, k_column: torch.Tensor, causal: bool = False
+                ) -> Visibility:
+        """Rows each causal over their own cache columns: query (b, j) sees the keys at columns
+        up to its own. `q_column` [B, Q] and `k_column` [B, K] are columns (-1: padding)."""
+        zq, zk = torch.zeros_like(q_column), torch.zeros_like(k_column)
+        return Visibility(zq, zq, q_column, zk, zk, k_column, causal=causal)
+
+    @staticmethod
     def causal_step(new: int, past: int, device: torch.device | str) -> Visibility:
         """`new` tokens of one causal segment after `past` cached ones (batch 1)."""
         keys = torch.arange(past + new, device=device)[None]

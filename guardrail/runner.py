@@ -134,7 +134,7 @@ class Batch:
         if in_step:
             q = idx.to(self.device, non_blocking=True)                   # the step's one copy
             self._keys[:, self.lengths[0]: self.lengths[0] + n] = q
-            self._columns.cols = None
+            self._columns.cols = dcols = None
         else:
             q, dcols = torch.stack([idx, cols]).to(self.device, non_blocking=True)
             self._keys.scatter_(1, dcols, q)
@@ -165,9 +165,14 @@ class Batch:
         alike = t.alike and not padded and all(torch.equal(idx[b], idx[0])
                                                and torch.equal(keys[b], keys[0])
                                                for b in range(1, len(new)))
-        solo = bool(t.solo.gather(1, idx.clamp(min=0)).all())
-        vis = self._visibility(q[:1] if alike else q, k[:1] if alike else k,
-                               causal=solo and not padded)
+        if bool(t.solo.gather(1, idx.clamp(min=0)).all()):
+            # every new token sees all of its row before it (sequential prompts, answers): the
+            # columns say it all; exactly causal (no mask at all) when rows are in step
+            at = dcols if not in_step else torch.arange(
+                int(starts[0]), int(starts[0]) + n, device=self.device).expand(len(new), -1)
+            vis = self._own_columns(q, at, k, causal=not padded)
+        else:
+            vis = self._visibility(q[:1] if alike else q, k[:1] if alike else k)
         if capture is None:
             hidden = self.adapter.forward(embeds, positions, vis, self.cache, visual, deepstack)
         else:
@@ -178,11 +183,23 @@ class Batch:
                                               deepstack)
         self.slots = keys
         return hidden, idx
-    def _visibility(self, q: torch.Tensor, k: torch.Tensor, causal: bool) -> Visibility:
+
+    def _own_columns(self, q: torch.Tensor, at: torch.Tensor, k: torch.Tensor, causal: bool
+                     ) -> Visibility:
+        """Visibility of a step whose every query sees all of its row's entries up to its own:
+        query (b, j) (layout index q [B, n], -1 padding) written at column at[b, j] sees the real
+        keys (k [B, K] layout indices, -1 padding) in columns up to it. From the columns alone: no
+        table lookups, and the same matrix as the layout's rule for such steps."""
+        cols = torch.arange(k.shape[1], device=k.device).expand_as(k)
+        return Visibility.columns(torch.where(q >= 0, at, -1), torch.where(k >= 0, cols, -1),
+                                  causal)
+
+    def _visibility(self, q: torch.Tensor, k: torch.Tensor) -> Visibility:
+        """The layout's rule for queries `q` [B, n] over keys `k` [B, K] (layout indices)."""
         t = self._tables
         qc, kc = q.clamp(min=0), k.clamp(min=0)
         return Visibility(t.group.gather(1, qc), t.seg.gather(1, qc), q,
-                          t.group.gather(1, kc), t.seg.gather(1, kc), k, causal=causal)
+                          t.group.gather(1, kc), t.seg.gather(1, kc), k)
 
     def answer(self, next_positions: list[int]) -> None:
         """Start answer tokens: row b's first one sits at position `next_positions[b]`."""
@@ -238,7 +255,8 @@ class Batch:
         self.lengths = list(lengths)
         width = max(self.lengths)
         cols = torch.arange(self.slots.shape[1], device=HOST)
-        self.slots = torch.where(cols < torch.tensor(lengths, device=HOST)[:, None], self.slots, -1)[:, :width]
+        ends = torch.tensor(lengths, device=HOST)[:, None]
+        self.slots = torch.where(cols < ends, self.slots, -1)[:, :width]
         for layer in self.cache.layers:
             layer.crop(width - layer.keys.shape[-2])
         self._sync_keys()

@@ -56,6 +56,29 @@ MASKS: dict[str, Callable[[Visibility, torch.dtype, int], Any]] = {
 }
 
 
+FOLD_ROWS = 64   # masked steps of at most this many tokens per row: `folded_sdpa`
+
+
+def folded_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                mask: torch.Tensor, scaling: float) -> tuple[torch.Tensor, None]:
+    """sdpa over a masked step of few tokens (decoding rows out of step) under grouped-query
+    attention, without the copy of K/V per query head that transformers makes whenever a mask
+    is given (its `repeat_kv`: 7x the cache at Qwen2.5-VL-7B widths, each step). The G query
+    heads sharing a key/value head become G x n rows of one query against that head, the mask
+    repeated for them (G x n x K, small when n is). query [B, H, n, d], key/value
+    [B, H_kv, K, d], mask [B or 1, 1, n, K] additive. Returns ([B, n, H, d], None) as
+    transformers' attention functions do."""
+    b, h, n, d = query.shape
+    h_kv, k_len = key.shape[1], key.shape[2]
+    g = h // h_kv
+    q = query.reshape(b, h_kv, g * n, d)                  # head h = kv head h // g, as repeat_kv
+    m = mask.expand(b, 1, n, k_len)[:, :, None].expand(b, 1, g, n, k_len).reshape(
+        b, 1, g * n, k_len)
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=m,
+                                                           scale=scaling)
+    return out.reshape(b, h, n, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
 class AttentionCapture:
     """Installs the pass-through wrapper on `language_model` (a transformers decoder), around
     `backend` (default: the one the model was loaded with)."""
@@ -78,6 +101,10 @@ class AttentionCapture:
             if self._active is not None and module is self._active[0]:
                 scaling = kwargs.get("scaling") or module.scaling
                 self._active[1](query, key, float(scaling))
+            if (backend == "sdpa" and attention_mask is not None
+                    and query.shape[1] > key.shape[1] and query.shape[2] <= FOLD_ROWS):
+                return folded_sdpa(query, key, value, attention_mask,
+                                   kwargs.get("scaling") or module.scaling)
             return base(module, query, key, value, attention_mask, **kwargs)
 
         # NOTE: registered names are global in transformers; one per adapter instance. The mask
