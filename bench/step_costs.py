@@ -132,7 +132,7 @@ def _mask_rows(eng, name: str, vids) -> list[str]:
 
     def new_device():
         q, alike, causal, _ = _new_step_plan(batch, todo)
-        vis = batch._visibility(q[:1] if alike else q, q[:1] if alike else q, causal)
+        vis = batch._visibility(q[:1] if alike else q, q[:1] if alike else q)
         return None if causal else eng.adapter._mask(vis, len(items))
 
     old_ms, host_ms, total_ms = _best_ms(old), _best_ms(new_host), _best_ms(new_device)

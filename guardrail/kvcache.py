@@ -100,6 +100,12 @@ class SlotLayer(DynamicLayer):
         self._view(c.width)
         return self.keys, self.values
 
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        """(keys the forward's attention reads, 0): the columns the runner set, not the
+        cached length + new tokens a growing cache would have (rows out of step write fewer
+        columns than that)."""
+        return self.columns.width, 0
+
     def _view(self, width: int) -> None:
         self.keys, self.values = self.k_buf[:, :, :width], self.v_buf[:, :, :width]
 

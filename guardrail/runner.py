@@ -167,10 +167,11 @@ class Batch:
                                                for b in range(1, len(new)))
         if bool(t.solo.gather(1, idx.clamp(min=0)).all()):
             # every new token sees all of its row before it (sequential prompts, answers): the
-            # columns say it all; exactly causal (no mask at all) when rows are in step
+            # columns say it all; exactly causal (no mask at all) when rows started in step and
+            # end in step
             at = dcols if not in_step else torch.arange(
                 int(starts[0]), int(starts[0]) + n, device=self.device).expand(len(new), -1)
-            vis = self._own_columns(q, at, k, causal=not padded)
+            vis = self._own_columns(q, at, k, causal=in_step and not padded)
         else:
             vis = self._visibility(q[:1] if alike else q, k[:1] if alike else k)
         if capture is None:

@@ -102,11 +102,11 @@ def test_decoding_writes_the_cache_in_place(engine, two_sizes, config, monkeypat
     assert not grew
 
 
-def _explain_batch(eng: GuardEngine, clips: list) -> tuple[Batch, list[int]]:
+def _explain_batch(eng: GuardEngine, clips: list, room: int = 64) -> tuple[Batch, list[int]]:
     """A batch of the windows' prompt caches ready to decode, and their answer positions."""
     _, judged = eng.judge(clips)
     rows = [eng._explain_input(judged, b) for b in range(len(clips))]
-    batch = batch_from_rows(eng.adapter, rows, room=64)
+    batch = batch_from_rows(eng.adapter, rows, room=room)
     next_pos = [int(item.layout.positions[0, item.probe_start]) for item, _, _ in rows]
     batch.answer(next_pos)
     return batch, next_pos
@@ -151,16 +151,23 @@ def test_rows_out_of_step_decode_like_each_row_alone(engine, two_sizes, monkeypa
     hidden states are those of the row decoded alone."""
     eng = engine.with_config(layout="parallel")
     clips = [v.clips[0] for v in two_sizes]
-    feeds = [[[3, 4, 5], [3]], [[6], [7, 8]], [[], [9]], [[10], [11]]]
-    batch, _ = _explain_batch(eng, clips)
-    assert batch.lengths[0] != batch.lengths[1]
+    # the second row's prompt is the longer one; the step after it gets one token while the
+    # first gets three, so the keys the step reads end short of (previous width + 3)
+    feeds = [[[3, 4, 5], [3]], [[6], [7, 8]], [[], [9]], [[10, 12, 14], [11]], [[1], [2]]]
+    batch, _ = _explain_batch(eng, clips, room=512)
+    assert 0 < batch.lengths[1] - batch.lengths[0] < 400
     masks = _Masks(eng, monkeypatch)
     together = [batch.extend(feed) for feed in feeds]                 # [B, D] per step
+    # last, a step from different columns that leaves both rows the same length: still a mask
+    gap = batch.lengths[1] - batch.lengths[0]
+    feeds.append([[5] * (gap + 1), [6]])
+    together.append(batch.extend(feeds[-1]))
+    assert batch.lengths[0] == batch.lengths[1]
     assert len(masks.built) == len(feeds) and masks.repeated == 0
     for vis in masks.built:                           # the columns' form: no group, no segment
         assert not vis.q_group.any() and not vis.k_group.any()
     for b, clip in enumerate(clips):
-        alone, _ = _explain_batch(eng, [clip])
+        alone, _ = _explain_batch(eng, [clip], room=512)
         for step, feed in enumerate(feeds):
             if feed[b]:
                 hidden = alone.extend([feed[b]])[0]
@@ -176,7 +183,12 @@ def test_the_columns_rule_is_the_layouts_rule(engine, two_sizes, monkeypatch):
 
     def own_columns(self, q, at, k, causal):
         vis = real(self, q, at, k, causal)
-        assert torch.equal(vis.dense(), self._visibility(q, k).dense())
+        dense = vis.dense()
+        assert torch.equal(dense, self._visibility(q, k).dense())
+        if causal:                                    # the backend will use bottom-right causal
+            n, width = dense.shape[1:]
+            assert torch.equal(dense, torch.ones(n, width, dtype=torch.bool).tril(width - n)
+                               .expand_as(dense))
         checked.append(causal)
         return vis
 
