@@ -330,15 +330,26 @@ class GuardEngine:
         items = [Item(lay, visual, feats) for (lay, visual), feats in
                  zip(layouts, self.adapter.visual_features_many(inputs), strict=True)]
         batch, start = self._start(items)
-        kept = prefill(batch, start, self.config.pruning)
+        probes = [torch.arange(it.probe_start, it.layout.length, device=HOST) for it in items]
+        if self._folds_probes(items, start):
+            # one forward for the prompt and the probes: the prompt needs a mask anyway
+            prompt = [torch.arange(start, it.probe_start, device=HOST) for it in items]
+            hidden, _ = batch.step([torch.cat(pair) for pair in zip(prompt, probes, strict=True)])
+            kept = [int(it.visual.sum()) for it in items]
+            before = [n - len(p) for n, p in zip(batch.lengths, probes, strict=True)]
+            at = [len(p) for p in prompt]                   # where each row's probes start
+        else:
+            kept = prefill(batch, start, self.config.pruning)
+            before = list(batch.lengths)
+            hidden, _ = batch.step(probes)
+            at = [0] * len(items)
         t2 = self._clock()
         first = items[0].probe_start
-        before = list(batch.lengths)
-        hidden, _ = batch.step([torch.arange(it.probe_start, it.layout.length, device=HOST)
-                                for it in items])
-        last = torch.tensor([items[0].layout.span(f"R{i}").stop - 1 - first
-                             for i in range(len(self.tokens.probes))], device=self.adapter.device)
-        pair = self.adapter.answer_logits(hidden[:, last], self._answer_rows)   # [B, m, 2] fp32
+        last = torch.tensor([[a + items[0].layout.span(f"R{i}").stop - 1 - first
+                              for i in range(len(self.tokens.probes))] for a in at],
+                            device=HOST).to(self.adapter.device, non_blocking=True)  # [B, m]
+        rows = torch.arange(len(items), device=self.adapter.device)[:, None]
+        pair = self.adapter.answer_logits(hidden[rows, last], self._answer_rows)  # [B, m, 2]
         scores = [self._calibrated(s) for s in probe_scores(pair).cpu()]        # one copy
         batch.truncate(before)
         t3 = self._clock()
@@ -347,6 +358,13 @@ class GuardEngine:
                                 (t3 - t2) * 1e3 * share, prep_ms * share)
                    for s, it, k in zip(scores, items, kept, strict=True)]
         return results, batch
+
+    def _folds_probes(self, items: list[Item], start: int) -> bool:
+        """Whether the probes run in the prefill's forward: when nothing is pruned between
+        them and the prompt's step is masked anyway (parallel layouts). A sequential prompt
+        runs mask-free on the backend's causal path, which a joint step would lose."""
+        return not self.config.pruning.active and not all(
+            bool(it.layout.solo[start: it.probe_start].all()) for it in items)
 
     def _clock(self) -> float:
         """perf_counter after the device has finished queued work, so stage times are real."""

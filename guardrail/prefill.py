@@ -77,7 +77,7 @@ def prefill(batch: Batch, start: int, cfg: PruningConfig) -> list[int]:
         batch.step(todo)
         return totals
     if cfg.mode == "pre_prefill":
-        dropped = [_dropped(it, _similarity(adapter, it), cfg.keep_ratio) for it in items]
+        dropped = _dropped(items, [_similarity(adapter, it) for it in items], cfg.keep_ratio)
         batch.step([t[~torch.isin(t, d)] for t, d in zip(todo, dropped, strict=True)])
         return [n - int(d.numel()) for n, d in zip(totals, dropped, strict=True)]
     relevance: list[torch.Tensor | None] = [None] * len(items)
@@ -88,23 +88,31 @@ def prefill(batch: Batch, start: int, cfg: PruningConfig) -> list[int]:
                                                 todo[b], keys[b])
 
     batch.step(todo, capture=(cfg.layer, capture))
-    dropped = [_dropped(it, rel, cfg.keep_ratio) for it, rel in zip(items, relevance, strict=True)]
+    dropped = _dropped(items, relevance, cfg.keep_ratio)
     batch.keep([(~torch.isin(s, d) & (s >= 0)).nonzero().flatten()
                 for s, d in zip(batch.slots, dropped, strict=True)])
     return [n - int(d.numel()) for n, d in zip(totals, dropped, strict=True)]
 
 
-def _dropped(item: Item, relevance: torch.Tensor, keep_ratio: float) -> torch.Tensor:
-    """Layout indices of the video tokens pruned away."""
-    video = item.visual.nonzero().flatten()                            # [N]
-    keep = torch.zeros(video.numel(), dtype=torch.bool, device=HOST)
-    keep[select_tokens(relevance, keep_ratio)] = True
-    return video[~keep]
+def _dropped(items: list[Item], relevance: list[torch.Tensor], keep_ratio: float
+             ) -> list[torch.Tensor]:
+    """Layout indices of each row's video tokens pruned away. The kept sets are chosen on the
+    relevance's device, row by row, and come to the host in one copy (not a sync per row)."""
+    kept = [select_tokens(rel, keep_ratio) for rel in relevance]           # on the device
+    sizes = [int(k.numel()) for k in kept]                                # shapes: no sync
+    on_host = torch.cat(kept).to(HOST).split(sizes)
+    out = []
+    for it, keep_idx in zip(items, on_host, strict=True):
+        video = it.visual.nonzero().flatten()                                           # [N]
+        keep = torch.zeros(video.numel(), dtype=torch.bool, device=HOST)
+        keep[keep_idx] = True
+        out.append(video[~keep])
+    return out
 
 
 def _similarity(adapter: ModelAdapter, item: Item) -> torch.Tensor:
     policies = [adapter.embed(item.layout.ids[sp]) for sp in _chunk_spans(item.layout)]
-    return embedding_similarity(item.feats.embeds, policies).cpu()     # [m, N]
+    return embedding_similarity(item.feats.embeds, policies)           # [m, N] on the device
 
 
 def _attention_relevance(item: Item, query, key, mask, scaling, new: torch.Tensor,
@@ -128,7 +136,7 @@ def _attention_relevance(item: Item, query, key, mask, scaling, new: torch.Tenso
         w = attention_rows(query, key, mask, scaling, rows)
         rel = attention_from_rows(w, torch.arange(rows.numel(), device=dev),
                                   [k_pos[c].to(dev) for c in chunks])
-    return rel.cpu()                                                   # [m, N]: small
+    return rel                                                         # [m, N] on the device
 
 
 def _positions(indices: torch.Tensor, length: int) -> torch.Tensor:

@@ -4,10 +4,14 @@ rows of the head in fp32."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from guardrail.engine import GuardEngine
+from guardrail.layout import HOST
 from guardrail.video import load_video
 
 
@@ -98,3 +102,66 @@ def test_next_batch_is_prepared_beside_the_current_one(engine, videos, monkeypat
     assert all(name.startswith("guardrail-prepare") for name in seen) and len(seen) == 4
     for v, w in zip(got, want, strict=True):
         assert [c.score for c in v.categories] == pytest.approx(w.tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["parallel", "parallel_cached", "sequential"])
+def test_probes_run_in_the_prompts_forward_where_the_layout_allows(engine, videos, layout,
+                                                                   monkeypatch):
+    """Without pruning, a prompt step that needs a mask anyway (the parallel layout's
+    policies) also runs the probes: one forward of the batch instead of two, the same scores.
+    A causal prompt (sequential; parallel_cached after its cached policy prefix) keeps its
+    mask-free step and a probe step after it."""
+    eng = engine.with_config(layout=layout)
+    clips = [v.clips[0] for v in videos[:3]]
+    eng.judge(clips)                                       # warm: the policy chunk cache
+    calls = _spy(eng, monkeypatch)
+    folded = eng.judge(clips)[0]
+    assert len(calls) == (1 if layout == "parallel" else 2)
+    monkeypatch.setattr(GuardEngine, "_folds_probes", lambda self, items, start: False)
+    apart = eng.judge(clips)[0]
+    for a, b in zip(folded, apart, strict=True):
+        assert torch.allclose(a.scores, b.scores, atol=1e-5, rtol=0)
+
+
+class _HostCopies(TorchFunctionMode):
+    """Counts copies to the host made from one source file."""
+
+    def __init__(self, source: str):
+        super().__init__()
+        self.source, self.count = source, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # on a CPU the model's device is the host too: a copy to the host is `.cpu()` or a
+        # `.to(HOST)`, the engine's name for it
+        to_host = func is torch.Tensor.cpu or (func is torch.Tensor.to and any(
+            a is HOST for a in (*args[1:], kwargs.get("device"))))
+        if to_host and sys._getframe(1).f_code.co_filename.endswith(self.source):
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["kv", "pre_prefill"])
+def test_pruning_brings_the_kept_tokens_to_the_host_once_per_batch(engine, videos, mode):
+    eng = engine.with_config(layout="parallel", keep_ratio=0.5, pruning_mode=mode)
+    clips = [v.clips[0] for v in videos]
+    with _HostCopies("guardrail/prefill.py") as copies:
+        results, _ = eng.judge(clips)
+    assert copies.count == 1                              # not one per row
+    assert all(r.kept_tokens < r.total_tokens for r in results)
+
+
+def test_the_visual_encoder_runs_once_per_batch(engine, videos, monkeypatch):
+    model = engine.adapter.model.model
+    name = "get_video_features" if hasattr(model, "get_video_features") else (
+        "get_image_features")
+    calls = []
+    real = getattr(model, name)
+
+    def encoder(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, name, encoder)
+    engine.judge([v.clips[0] for v in videos])
+    assert len(calls) == 1

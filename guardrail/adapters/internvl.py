@@ -72,15 +72,21 @@ class InternVLAdapter(TransformersAdapter):
         arr = (np.stack(out) - self._mean) / self._std                    # [N, S, S, 3]
         return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
-    @torch.inference_mode()
     def visual_features(self, video: VideoInputs) -> VisualFeatures:
-        pixels = video.encoder_inputs["pixel_values"].to(self.device, self.dtype)
-        out = self.model.model.get_image_features(pixel_values=pixels, return_dict=True)
+        return self.visual_features_many([video])[0]
+
+    @torch.inference_mode()
+    def visual_features_many(self, videos: list[VideoInputs]) -> list[VisualFeatures]:
+        """One vision-tower call for the frames of every clip (each frame is one image)."""
+        pixels = torch.cat([v.encoder_inputs["pixel_values"] for v in videos])
+        out = self.model.model.get_image_features(
+            pixel_values=pixels.to(self.device, self.dtype, non_blocking=True), return_dict=True)
         embeds = out.pooler_output                                        # [N, per_frame, D]
         embeds = embeds.reshape(-1, embeds.shape[-1]).to(self.dtype)
-        assert embeds.shape[0] == video.num_visual, (
-            f"encoder gave {embeds.shape[0]} visual embeddings for {video.num_visual} tokens")
-        return VisualFeatures(embeds)
+        counts = [v.num_visual for v in videos]
+        assert embeds.shape[0] == sum(counts), (
+            f"encoder gave {embeds.shape[0]} visual embeddings for {sum(counts)} tokens")
+        return [VisualFeatures(part) for part in embeds.split(counts)]
 
     def _positions(self, positions: torch.Tensor) -> torch.Tensor:
         return positions[0]   # [1, B, T] (one row: plain RoPE) -> the [B, T] Llama takes
