@@ -31,7 +31,7 @@ from guardrail.console import (
     quiet_transformers,
     vllm_settings,
 )
-from guardrail.errors import PolicyError, UsageError, VideoError
+from guardrail.errors import GuardrailError, PolicyError, UsageError, VideoError
 from guardrail.prompt import LAYOUTS
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -407,21 +407,27 @@ def check(
         keep_ratio=keep_ratio, pruning_mode=pruning_mode, batch_size=batch_size,
         sampling=sampling, max_new_tokens=max_new_tokens, decoder=decoder,
         calibration=calibration, engine=engine_name, vllm=vllm_settings(vllm_option))
-    def decode(paths: list[Path]) -> list[tuple[Path, object]]:
-        """(path, Video or the VideoError) of each: runs ahead of the model, on a thread."""
+    def decode(paths: list[Path]) -> tuple[list[tuple[Path, object]], object]:
+        """(path, Video or the VideoError) of each, and the readable ones prepared for the
+        engine (None where it refuses them; judging them then reports why): runs ahead of the
+        model, on a thread."""
         out = []
         for path in paths:
             try:
                 out.append((path, load_media(path, sampling, engine.config.limits, decoder)))
             except VideoError as error:
                 out.append((path, error))
-        return out
+        good = [v for _, v in out if not isinstance(v, VideoError)]
+        try:
+            return out, engine.prepare(good) if good else None
+        except GuardrailError:
+            return out, None
 
     batches = [videos[s: s + batch_size] for s in range(0, len(videos), batch_size)]
     with ProgressBar(enabled=not as_json and sys.stderr.isatty()) as bar:
         bar.start(len(videos))
-        for _, results in prefetch(batches, decode):     # the next batch decodes meanwhile
-            decoded = []
+        for _, (results, prepared) in prefetch(batches, decode):   # the next batch decodes
+            decoded = []                                            # and prepares meanwhile
             for path, got in results:
                 if isinstance(got, VideoError):
                     bad += 1
@@ -432,7 +438,7 @@ def check(
                     decoded.append((path, got))
             if not decoded:
                 continue
-            verdicts = engine.check_batch([v for _, v in decoded],
+            verdicts = engine.check_batch(prepared or [v for _, v in decoded],
                                           progress=bar.tracker(len(decoded)))
             bar.step(len(decoded))
             with bar.aside():

@@ -140,6 +140,28 @@ def engine_class(name: str) -> type[GuardEngine]:
     return getattr(importlib.import_module(module), cls)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Videos with the host work of judging them done (`GuardEngine.prepare`): decoded, and
+    for the transformers engine each window through the processor, the rope index and the
+    layout, its pixels in the model's dtype (pinned when the model is on CUDA). Handing it to
+    `check_batch` leaves only model work; preparing the next group on another thread while
+    the engine judges this one keeps the device fed across calls."""
+
+    videos: list[Video]
+    decode_ms: list[float]
+    windows: list[tuple] | None          # per window, in order: `GuardEngine._prepare_window`
+
+    @staticmethod
+    def merge(parts: list[Prepared]) -> Prepared:
+        """One group from several (requests batched together): windows stay in order."""
+        windows = [p.windows for p in parts]
+        return Prepared([v for p in parts for v in p.videos],
+                        [ms for p in parts for ms in p.decode_ms],
+                        None if any(w is None for w in windows) else [
+                            w for ws in windows for w in ws])
+
+
 class GuardEngine:
     """Judges videos against one policy set with one model. Not thread-safe (the chunk cache
     is); use one engine per worker.
@@ -240,28 +262,46 @@ class GuardEngine:
         """Judge one video (a path, raw bytes, or an already decoded `Video`)."""
         return self.check_batch([video])[0]
 
-    def check_batch(self, videos: Iterable[VideoSource | Video],
-                    progress: Progress | None = None) -> list[Verdict]:
-        """Judge several videos, `batch_size` windows per forward pass; verdicts in input order.
-        Bad input raises `VideoError` before any model work (decode first to handle it per
-        video). `progress(stage, done, total)`, if given, is called as work finishes:
-        ("judging", windows done, windows) after each forward batch, then in explain modes
-        ("explaining", videos done, videos to explain)."""
-        t0 = time.perf_counter()
+    def prepare(self, videos: Iterable[VideoSource | Video]) -> Prepared:
+        """Decode `videos` and do the host work of judging them (no model work; safe on
+        another thread while this engine judges). Raises what `check_batch` would for bad
+        input (`VideoError`, `PromptTooLongError`)."""
+        decoded, decode_ms = self._decode_all(videos)
+        return Prepared(decoded, decode_ms, self._prepare_windows(
+            [clip for video in decoded for clip in video.clips]))
+
+    def _decode_all(self, videos: Iterable[VideoSource | Video]
+                    ) -> tuple[list[Video], list[float]]:
         decoded, decode_ms = [], []
         for v in videos:
             t = time.perf_counter()
             decoded.append(v if isinstance(v, Video) else load_video(
                 v, self.config.sampling, self.config.limits, self.config.decoder))
             decode_ms.append((time.perf_counter() - t) * 1e3)
+        return decoded, decode_ms
+
+    def check_batch(self, videos: Iterable[VideoSource | Video] | Prepared,
+                    progress: Progress | None = None) -> list[Verdict]:
+        """Judge several videos (or a `Prepared` group of them), `batch_size` windows per
+        forward pass; verdicts in input order. Bad input raises `VideoError` before any model
+        work (decode first to handle it per video). `progress(stage, done, total)`, if given,
+        is called as work finishes: ("judging", windows done, windows) after each forward
+        batch, then in explain modes ("explaining", videos done, videos to explain)."""
+        t0 = time.perf_counter()
+        if isinstance(videos, Prepared):
+            decoded, decode_ms, ready = videos.videos, videos.decode_ms, videos.windows
+        else:
+            (decoded, decode_ms), ready = self._decode_all(videos), None
         windows = [(i, clip) for i, video in enumerate(decoded) for clip in video.clips]
         results: list[list[WindowResult]] = [[] for _ in decoded]
         best: dict[int, tuple[float, tuple]] = {}     # video -> its top window (score, row)
         size = self.config.batch_size
         parts = [windows[s: s + size] for s in range(0, len(windows), size)]
+        if ready is not None:
+            ready = [ready[s: s + size] for s in range(0, len(windows), size)]
         done = 0
-        for part, (res, batch) in zip(parts, self._run_all([[c for _, c in p] for p in parts]),
-                                      strict=True):
+        for part, (res, batch) in zip(parts, self._run_all([[c for _, c in p] for p in parts],
+                                                           ready), strict=True):
             done += len(part)
             if progress:
                 progress("judging", done, len(windows))
@@ -300,9 +340,14 @@ class GuardEngine:
         cache holds each window's prompt without the probes, for explain mode)."""
         return self._run(self._prepare(clips))
 
-    def _run_all(self, batches: list[list]) -> Iterator[tuple[list[WindowResult], Batch]]:
+    def _run_all(self, batches: list[list], ready: list[list[tuple]] | None = None
+                 ) -> Iterator[tuple[list[WindowResult], Batch]]:
         """`judge` each batch of clips in turn; the host work of the next batch (processor,
-        rope index, layout) runs in a thread while the current one is on the device."""
+        rope index, layout) runs in a thread while the current one is on the device, unless
+        it is `ready` (prepared earlier, per batch the `_prepare_window` of its clips)."""
+        if ready is not None:
+            yield from (self._run(self._stacked(windows)) for windows in ready)
+            return
         if len(batches) < 2:
             yield from (self.judge(clips) for clips in batches)
             return
@@ -317,11 +362,35 @@ class GuardEngine:
     def _prepare(self, clips: list) -> tuple[list[VideoInputs], list[tuple], float]:
         """Host work of one batch: the processor, the rope index and the layouts. No model
         forward; safe to run beside one."""
+        return self._stacked(self._prepare_windows(clips))
+
+    def _prepare_windows(self, clips: list) -> list[tuple] | None:
+        """`_prepare_window` of each clip (None: this engine prepares inside its model)."""
+        return [self._prepare_window(c) for c in clips]
+
+    def _prepare_window(self, clip) -> tuple[VideoInputs, tuple, float]:
+        """One window's host work: (video inputs, (layout, visual mask), ms)."""
         t0 = time.perf_counter()
-        inputs = [self.adapter.video_inputs(c) for c in clips]
-        for v in inputs:
-            self._check_window(v.ids.numel())
-        return inputs, [self.layout(v) for v in inputs], (time.perf_counter() - t0) * 1e3
+        inputs = self.adapter.video_inputs(clip)
+        self._check_window(inputs.ids.numel())
+        inputs = replace(inputs, encoder_inputs={
+            k: self._handed_over(v) for k, v in inputs.encoder_inputs.items()})
+        return inputs, self.layout(inputs), (time.perf_counter() - t0) * 1e3
+
+    def _handed_over(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Pixels as the device takes them: in the model's dtype (the encoder casts to it
+        first thing, so the values are the same; half the bytes to copy in bf16) and pinned
+        when the model is on CUDA, so the copy runs beside the device's work."""
+        if tensor.is_floating_point():
+            tensor = tensor.to(self.adapter.dtype)
+        if self.adapter.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor
+
+    @staticmethod
+    def _stacked(windows: list[tuple]) -> tuple[list[VideoInputs], list[tuple], float]:
+        return ([w[0] for w in windows], [w[1] for w in windows],
+                sum(w[2] for w in windows))
 
     def _run(self, prepared: tuple[list[VideoInputs], list[tuple], float]
              ) -> tuple[list[WindowResult], Batch]:

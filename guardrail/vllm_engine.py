@@ -220,7 +220,12 @@ class VllmEngine(GuardEngine):
     def judge(self, clips: list) -> tuple[list[WindowResult], list[Request]]:
         return next(self._run_all([clips]))
 
-    def _run_all(self, batches: list[list]) -> Iterator[tuple[list[WindowResult], list]]:
+    def _prepare_windows(self, clips: list) -> None:
+        """vLLM runs the processor inside its own engine: nothing to prepare beyond decoding."""
+        return None
+
+    def _run_all(self, batches: list[list], ready: None = None
+                 ) -> Iterator[tuple[list[WindowResult], list]]:
         """Every window x category of the call in one `generate`: vLLM schedules them all
         (and shares each window's prefix), then the results are handed out per batch."""
         from vllm import SamplingParams

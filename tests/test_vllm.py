@@ -74,6 +74,17 @@ def test_scores_equal_our_runner(engines, clips, clip, layout):
     assert max(want) - min(want) > 1e-3                # the categories really differ
 
 
+def test_prepared_videos_judge_alike(engines, clips):
+    """`prepare` (what bench run, check and the service call ahead of the engine) decodes
+    only, for the vllm engine: its processor runs inside vLLM."""
+    _, theirs = engines
+    prepared = theirs.prepare([clips["short"], clips["long"]])
+    assert prepared.windows is None
+    got = [[c.score for c in v.categories] for v in theirs.check_batch(prepared)]
+    want = [_scores(theirs, clips[c]) for c in ("short", "long")]
+    assert got == [pytest.approx(w, abs=1e-6) for w in want]
+
+
 def test_isolated_is_order_invariant(engines, clips):
     _, theirs = engines
     eng = theirs.with_config(layout="isolated")

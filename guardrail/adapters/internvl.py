@@ -39,6 +39,7 @@ class InternVLAdapter(TransformersAdapter):
         tok = self.tokenizer
         self._img_start = tok.convert_tokens_to_ids(tok.start_image_token)
         self._img_end = tok.convert_tokens_to_ids(tok.end_image_token)
+        self._labels: dict[int, list[int]] = {}
 
     def encode_text(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -52,7 +53,7 @@ class InternVLAdapter(TransformersAdapter):
         pixels = self._pixels(clip.frames)                                # [N, 3, S, S]
         ids: list[int] = []
         for i in range(pixels.shape[0]):
-            ids += self.encode_text(("\n" if i else "") + f"Frame{i + 1}: ")
+            ids += self._frame_label(i)
             ids += [self._img_start, *[self._context_id] * self._per_frame, self._img_end]
         ids_t = torch.tensor(ids, dtype=torch.long, device=HOST)
         length = ids_t.numel()
@@ -60,6 +61,13 @@ class InternVLAdapter(TransformersAdapter):
                            advance=length,
                            visual=ids_t == self._context_id,
                            encoder_inputs={"pixel_values": pixels})
+
+    def _frame_label(self, i: int) -> list[int]:
+        """Ids of "FrameN: " before frame i, tokenized once (windows are prepared on worker
+        threads; this keeps the tokenizer out of them after the first window)."""
+        if i not in self._labels:
+            self._labels[i] = self.encode_text(("\n" if i else "") + f"Frame{i + 1}: ")
+        return self._labels[i]
 
     def _pixels(self, frames: np.ndarray) -> torch.Tensor:
         """[N, H, W, 3] uint8 -> [N, 3, S, S] float: PIL bicubic resize, /255, ImageNet norm
@@ -78,9 +86,9 @@ class InternVLAdapter(TransformersAdapter):
     @torch.inference_mode()
     def visual_features_many(self, videos: list[VideoInputs]) -> list[VisualFeatures]:
         """One vision-tower call for the frames of every clip (each frame is one image)."""
-        pixels = torch.cat([v.encoder_inputs["pixel_values"] for v in videos])
-        out = self.model.model.get_image_features(
-            pixel_values=pixels.to(self.device, self.dtype, non_blocking=True), return_dict=True)
+        pixels = torch.cat([v.encoder_inputs["pixel_values"].to(self.device, non_blocking=True)
+                            for v in videos]).to(self.dtype)      # joined on the device
+        out = self.model.model.get_image_features(pixel_values=pixels, return_dict=True)
         embeds = out.pooler_output                                        # [N, per_frame, D]
         embeds = embeds.reshape(-1, embeds.shape[-1]).to(self.dtype)
         counts = [v.num_visual for v in videos]

@@ -71,9 +71,12 @@ class QwenVLAdapter(TransformersAdapter):
     @torch.inference_mode()
     def visual_features_many(self, videos: list[VideoInputs]) -> list[VisualFeatures]:
         """One visual-encoder call for several clips (the encoder takes a list of grids)."""
-        pixels = torch.cat([v.encoder_inputs["pixel_values_videos"] for v in videos])
+        # each clip's pixels go to the device on their own (pinned ones copy asynchronously; a
+        # host-side cat would make a pageable copy first) and are joined there
+        pixels = torch.cat([v.encoder_inputs["pixel_values_videos"].to(
+            self.device, non_blocking=True) for v in videos])
         grid = torch.cat([v.encoder_inputs["video_grid_thw"] for v in videos])
-        out = self.model.model.get_video_features(pixels.to(self.device), grid.to(self.device),
+        out = self.model.model.get_video_features(pixels, grid.to(self.device),
                                                   return_dict=True)
         embeds = _cat(out.pooler_output).to(self.dtype)                    # [sum Nv, D]
         deep = [_cat(d).to(self.dtype) for d in (getattr(out, "deepstack_features", None) or ())]

@@ -29,7 +29,7 @@ from guardrail.bench.predictions import (
     read_predictions,
     repair_tail,
 )
-from guardrail.errors import UsageError, VideoError
+from guardrail.errors import GuardrailError, UsageError, VideoError
 from guardrail.policy import PolicySet
 
 if TYPE_CHECKING:
@@ -97,13 +97,16 @@ class RunResult:
     input_wait_s: float | None = None  # of it, the engine waiting for decoded videos (local)
 
 
-Decoded = tuple[dict[int, "Outcome"], list[tuple[int, Any, float]]]   # failures, (i, Video, ms)
+# failures, (i, Video, ms), and the readable videos prepared for the engine (None: not done)
+Decoded = tuple[dict[int, "Outcome"], list[tuple[int, Any, float]], Any]
 
 
-def decode_group(config, items: list[Item]) -> Decoded:
+def decode_group(config, items: list[Item], prepare: Callable | None = None) -> Decoded:
     """Decode each video of a group on its own (a bad one fails alone): the error outcomes by
-    position, and (position, Video, decode ms) of the readable ones. No model work: runs ahead
-    of the engine (`guardrail.video.prefetch`)."""
+    position, (position, Video, decode ms) of the readable ones, and `prepare` (an engine's
+    `prepare`) of those. No model work: runs ahead of the engine
+    (`guardrail.video.prefetch`). A group `prepare` refuses is judged unprepared, where the
+    engine reports the same error as before."""
     from guardrail.video import load_video
 
     outcomes: dict[int, Outcome] = {}
@@ -119,15 +122,21 @@ def decode_group(config, items: list[Item]) -> Decoded:
             outcomes[i] = _failed(item, error)
             continue
         decoded.append((i, video, (time.perf_counter() - t0) * 1e3))
-    return outcomes, decoded
+    prepared = None
+    if prepare is not None and decoded:
+        try:
+            prepared = prepare([video for _, video, _ in decoded])
+        except GuardrailError:
+            prepared = None
+    return outcomes, decoded, prepared
 
 
 def judge_decoded(engine, items: list[Item], ready: Decoded,
                   progress: Progress | None = None) -> list[Outcome]:
     """Outcomes of a decoded group in input order: the readable videos share `check_batch`
     (windows batched per forward pass)."""
-    outcomes, decoded = dict(ready[0]), ready[1]
-    verdicts = engine.check_batch([video for _, video, _ in decoded],
+    outcomes, decoded, prepared = dict(ready[0]), ready[1], ready[2]
+    verdicts = engine.check_batch(prepared or [video for _, video, _ in decoded],
                                   progress=progress) if decoded else []
     for (i, _, ms), verdict in zip(decoded, verdicts, strict=True):
         data = verdict.model_dump(mode="json")
@@ -219,7 +228,9 @@ class _judges:
 
             engine = self.spec.build()
             track = self.on_group or (lambda n: None)
-            self.feed = prefetch(self.groups, lambda g: decode_group(engine.config, g),
+            # decoded and prepared (processor, rope index, layouts) ahead of the engine
+            self.feed = prefetch(self.groups, lambda g: decode_group(engine.config, g,
+                                                                     engine.prepare),
                                  ahead=self.ahead)
             return (o for group, ready in self.feed
                     for o in judge_decoded(engine, group, ready, track(len(group))))

@@ -42,11 +42,16 @@ class GuardModel:
     def __init__(self, settings: dict[str, Any]):
         s = ServiceSettings.model_validate(settings)
         self.pool = EnginePool(load_engine(s))
-        self.judge.set_max_batch_size(s.batching.max_batch_size)
-        self.judge.set_batch_wait_timeout_s(s.batching.batch_wait_timeout_s)
+        self._batch.set_max_batch_size(s.batching.max_batch_size)
+        self._batch.set_batch_wait_timeout_s(s.batching.batch_wait_timeout_s)
+
+    async def judge(self, item: Work) -> Verdict | GuardrailError:
+        """One request: its host work (processor, rope index, layouts) on a thread, beside
+        the batch the engine is running, then into the next batch."""
+        return await self._batch(await asyncio.to_thread(self.pool.prepared, item))
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
-    async def judge(self, items: list[Work]) -> list[Verdict | GuardrailError]:
+    async def _batch(self, items: list[Work]) -> list[Verdict | GuardrailError]:
         # NOTE: typed errors come back as values, so one bad video fails only its own request.
         return await asyncio.to_thread(self.pool.run_batch, items)
 

@@ -12,10 +12,10 @@ import asyncio
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
-from guardrail.engine import GuardEngine
+from guardrail.engine import GuardEngine, Prepared
 from guardrail.errors import GuardrailError
 from guardrail.policy import PolicySet
 from guardrail.serve.errors import Overloaded
@@ -44,6 +44,7 @@ class JudgeRequest:
 class Work:
     video: Video
     request: JudgeRequest
+    prepared: Prepared | None = None    # the engine's host work, done before its turn
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,8 @@ class EnginePool:
         self.engine = engine
         self.max_variants = max_variants
         self._variants: OrderedDict[tuple, GuardEngine] = OrderedDict()
-        self._lock = threading.Lock()  # GuardEngine is not thread-safe
+        self._lock = threading.Lock()  # GuardEngine is not thread-safe: one batch at a time
+        self._variants_lock = threading.Lock()   # the LRU, also used by `prepared`
         self.batches = 0
         self.items = 0
         self.max_batch = 0
@@ -116,6 +118,10 @@ class EnginePool:
             self.engine.with_policies(policies)
 
     def variant(self, req: JudgeRequest) -> GuardEngine:
+        with self._variants_lock:
+            return self._variant(req)
+
+    def _variant(self, req: JudgeRequest) -> GuardEngine:
         key = req.key()
         if key in self._variants:
             self._variants.move_to_end(key)
@@ -128,6 +134,16 @@ class EnginePool:
         while len(self._variants) > self.max_variants:
             self._variants.popitem(last=False)
         return engine
+
+    def prepared(self, item: Work) -> Work:
+        """`item` with its video prepared for its engine variant (processor, rope index,
+        layouts; `GuardEngine.prepare`). Outside the engine's lock: requests waiting for their
+        turn get this done while another batch is on the device. Where preparing fails the
+        item goes on unprepared, and judging it reports the error as it always did."""
+        try:
+            return replace(item, prepared=self.variant(item.request).prepare([item.video]))
+        except Exception:
+            return item
 
     def run_batch(self, items: list[Work], stop: threading.Event | None = None
                   ) -> list[Outcome]:
@@ -142,40 +158,47 @@ class EnginePool:
             for i, item in enumerate(items):
                 groups.setdefault(item.request.key(), []).append(i)
             for idx in groups.values():
-                videos = [items[i].video for i in idx]
-                for i, res in zip(idx, self._run_group(items[idx[0]].request, videos, stop),
+                group = [items[i] for i in idx]
+                for i, res in zip(idx, self._run_group(group[0].request, group, stop),
                                   strict=True):
                     out[i] = res
             return out  # type: ignore[return-value]
 
-    def _run_group(self, req: JudgeRequest, videos: list[Video],
+    def _run_group(self, req: JudgeRequest, items: list[Work],
                    stop: threading.Event | None = None) -> list[Outcome]:
         if stop is not None and stop.is_set():
-            return [Cancelled("the caller stopped waiting")] * len(videos)
+            return [Cancelled("the caller stopped waiting")] * len(items)
         try:
             engine = self.variant(req)
         except GuardrailError as err:  # the request's settings: every video of the group fails
-            return [err] * len(videos)
-        if len(videos) > 1:
+            return [err] * len(items)
+        if len(items) > 1:
             try:
-                return list(engine.check_batch(videos, progress=_stop_at(stop)))
+                return list(engine.check_batch(_inputs(items), progress=_stop_at(stop)))
             except Cancelled as err:
-                return [err] * len(videos)
+                return [err] * len(items)
             except Exception as err:  # one bad video fails only itself: judge them one by one
                 if not isinstance(err, GuardrailError):
                     log.exception("a batch failed; judging its videos one by one")
-        return [self._one(engine, v, stop) for v in videos]
+        return [self._one(engine, item, stop) for item in items]
 
     @staticmethod
-    def _one(engine: GuardEngine, video: Video, stop: threading.Event | None = None
+    def _one(engine: GuardEngine, item: Work, stop: threading.Event | None = None
              ) -> Outcome:
         try:
-            return engine.check_batch([video], progress=_stop_at(stop))[0]
+            return engine.check_batch(_inputs([item]), progress=_stop_at(stop))[0]
         except GuardrailError as err:
             return err
         except Exception as err:
             log.exception("judging a video failed")
             return InternalError(f"judging failed ({type(err).__name__})")
+
+
+def _inputs(items: list[Work]) -> Prepared | list[Video]:
+    """What `check_batch` takes for `items`: their prepared group when every one is."""
+    if all(item.prepared is not None for item in items):
+        return Prepared.merge([item.prepared for item in items])
+    return [item.video for item in items]
 
 
 def _config_changes(engine: GuardEngine, req: JudgeRequest) -> dict:
@@ -221,9 +244,10 @@ class LocalJudge:
         self._pending += 1
         stop = threading.Event()
         try:
+            # the host work first, beside whatever the engine is running now
+            work = await asyncio.to_thread(self.pool.prepared, Work(video, request))
             async with self._turn:    # cancelled while waiting: dropped from the queue
-                (out,) = await asyncio.to_thread(self.pool.run_batch, [Work(video, request)],
-                                                 stop)
+                (out,) = await asyncio.to_thread(self.pool.run_batch, [work], stop)
         except asyncio.CancelledError:  # timed out or the client left: drop the running work
             stop.set()
             raise
