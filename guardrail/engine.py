@@ -379,11 +379,11 @@ class GuardEngine:
 
     def _handed_over(self, tensor: torch.Tensor) -> torch.Tensor:
         """Pixels as the device takes them: in the model's dtype (the encoder casts to it
-        first thing, so the values are the same; half the bytes to copy in bf16) and pinned
-        when the model is on CUDA, so the copy runs beside the device's work."""
+        first thing, so the values are the same; half the bytes to copy in bf16) and, still on
+        the host with the model on CUDA, pinned, so the copy runs beside the device's work."""
         if tensor.is_floating_point():
             tensor = tensor.to(self.adapter.dtype)
-        if self.adapter.device.type == "cuda":
+        if self.adapter.device.type == "cuda" and tensor.device.type == "cpu":
             tensor = tensor.pin_memory()
         return tensor
 

@@ -19,7 +19,7 @@ from guardrail.adapters.base import VideoInputs, VisualFeatures
 from guardrail.adapters.transformers_lm import TransformersAdapter
 from guardrail.errors import UsageError
 from guardrail.layout import HOST
-from guardrail.video import Clip
+from guardrail.video import Clip, resize
 
 
 class InternVLAdapter(TransformersAdapter):
@@ -69,9 +69,18 @@ class InternVLAdapter(TransformersAdapter):
             self._labels[i] = self.encode_text(("\n" if i else "") + f"Frame{i + 1}: ")
         return self._labels[i]
 
+    # where frames are resized: on the model's device when it is a GPU (Pillow's bicubic as
+    # tensor math, bit for bit; guardrail.video.resize), else with Pillow on the host
+    resize_on_device: bool | None = None          # None: on the device when it is CUDA
+
     def _pixels(self, frames: np.ndarray) -> torch.Tensor:
         """[N, H, W, 3] uint8 -> [N, 3, S, S] float: PIL bicubic resize, /255, ImageNet norm
         (SafeWatch's `load_video(..., max_num=1)`: one tile per frame, no thumbnail)."""
+        on_device = self.resize_on_device
+        if on_device is None:
+            on_device = self.device.type == "cuda"
+        if on_device and resize.exact():          # else this Pillow does something else
+            return self._pixels_on_device(frames)
         from PIL import Image
 
         size = (self._size, self._size)
@@ -79,6 +88,19 @@ class InternVLAdapter(TransformersAdapter):
                           dtype=np.float32) / 255.0 for f in frames]
         arr = (np.stack(out) - self._mean) / self._std                    # [N, S, S, 3]
         return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+    def _pixels_on_device(self, frames: np.ndarray) -> torch.Tensor:
+        """`_pixels` with the resize and normalisation on the model's device: the same values
+        bit for bit (Pillow's fixed-point resize as exact float64 products, then the same
+        float32 arithmetic), the frames copied once as uint8."""
+        raw = torch.from_numpy(np.ascontiguousarray(frames))
+        if self.device.type == "cuda":
+            raw = raw.pin_memory()
+        raw = raw.to(self.device, non_blocking=True)
+        x = resize.resize_like_pillow(raw, (self._size, self._size)).to(torch.float32) / 255.0
+        mean, std = (torch.from_numpy(a).to(self.device)[None, :, None, None]
+                     for a in (self._mean, self._std))
+        return (x - mean) / std                                            # [N, 3, S, S]
 
     def visual_features(self, video: VideoInputs) -> VisualFeatures:
         return self.visual_features_many([video])[0]
