@@ -16,6 +16,9 @@ sizes (ragged rows), decoded once. Checks:
 - bf16: bf16 weights against fp32 (scores; the CPU suite's measured bound).
 - flex: the FlexAttention block-mask backend against sdpa (scores; skipped where flex is not
   available).
+- resize: InternVL's frame resize as tensor math on the device against Pillow (must be equal).
+- fold: masked decode attention with the query heads folded per key/value head (no K/V copy)
+  against sdpa over repeated K/V, at Qwen2.5-VL-7B's head counts, ragged rows.
 
 Prints one table (markdown) to stdout; exit 0 when every check passes, 1 otherwise.
 """
@@ -144,12 +147,61 @@ def check_flex(model: Path, device: str, videos: list) -> float | None:
     return max_diff(a.scores, b.scores)
 
 
+def check_resize(model: Path, device: str, videos: list) -> float:
+    """InternVL's Pillow resize as tensor math on the device against Pillow (uint8 levels)."""
+    import numpy as np
+    from PIL import Image
+
+    from guardrail.video.resize import exact, resize_like_pillow
+
+    if not exact():
+        return float("inf")                      # this Pillow's pass order was not recognised
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for (h, w), size in (((480, 640), (448, 448)), ((640, 360), (448, 448)),
+                         ((37, 53), (20, 31))):
+        frames = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+        got = resize_like_pillow(torch.from_numpy(frames).to(device), size)
+        want = np.stack([np.asarray(Image.fromarray(f).resize(size, Image.BICUBIC))
+                         for f in frames])
+        worst = max(worst, max_diff(got.permute(0, 2, 3, 1).cpu(), torch.from_numpy(want)))
+    return worst
+
+
+def check_fold(model: Path, device: str, videos: list) -> float:
+    """Masked decode attention with query heads folded per key/value head (no K/V copy)
+    against sdpa over K/V repeated per head, ragged rows, on the device's kernels."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from guardrail.adapters.attention import folded_sdpa
+    from guardrail.layout import additive_mask
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    b, h, h_kv, k_len, d = 4, 28, 4, 3000, 128           # Qwen2.5-VL-7B's heads
+    worst = 0.0
+    for n in (1, 24):
+        q = torch.randn(b, h, n, d, generator=g).to(device)
+        k, v = (torch.randn(b, h_kv, k_len, d, generator=g).to(device) for _ in range(2))
+        ends = torch.tensor([1200, 3000, 2500, 2999], device=device)[:, None, None]
+        cols = torch.arange(k_len, device=device)[None, None]
+        own = torch.arange(n, device=device)[None, :, None] + ends - n
+        mask = additive_mask((cols < ends) & (cols <= own), torch.float32)
+        got, _ = folded_sdpa(q, k, v, mask, d ** -0.5)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q, repeat_kv(k, h // h_kv), repeat_kv(v, h // h_kv), attn_mask=mask,
+            scale=d ** -0.5).transpose(1, 2)
+        worst = max(worst, max_diff(got, want))
+    return worst
+
+
 CHECKS: list[tuple[str, Callable, float, str]] = [
     ("vision", check_vision, FP32_TOL, "one-call vision tower vs transformers' per piece"),
     ("ragged", check_ragged, FP32_TOL, "batch of two sizes vs each alone (scores)"),
     ("explain", check_explain, FP32_TOL, "batched vs single explain (text equal, scores)"),
     ("bf16", check_bf16, BF16_TOL, "bf16 vs fp32 weights (scores, keep_ratio 0.5)"),
     ("flex", check_flex, FP32_TOL, "FlexAttention block masks vs sdpa (scores)"),
+    ("resize", check_resize, 0.0, "InternVL's Pillow resize on the device vs Pillow (levels)"),
+    ("fold", check_fold, FP32_TOL, "decode attention, heads folded vs K/V repeated (7B heads)"),
 ]
 
 
