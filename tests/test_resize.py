@@ -28,9 +28,12 @@ def _pillow(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     ((1, 31, 17), (64, 9)),         # wider and shorter: Pillow 13's vertical pass first
     ((1, 17, 31), (9, 64)),         # narrower and taller
     ((1, 640, 360), (448, 448)),    # a portrait phone video into InternVL's 448
+    ((1, 1280, 720), (448, 448)),   # portrait, both shrink: Pillow 13 goes vertical first
+    ((1, 1920, 1080), (448, 448)),
+    ((1, 720, 1280), (448, 448)),   # the same videos in landscape
 ])
 def test_equals_pillow_bit_for_bit(shape, size):
-    assert resize.exact()                   # the installed Pillow's pass order was recognised
+    assert resize.exact(*shape[1:], size)   # the installed Pillow's pass order was found
     rng = np.random.default_rng(sum(shape))
     frames = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)       # noise: the hardest case
     got = resize_like_pillow(torch.from_numpy(frames), size)          # [N, 3, h, w]
@@ -38,6 +41,17 @@ def test_equals_pillow_bit_for_bit(shape, size):
     want = _pillow(frames, size)
     assert np.array_equal(got.permute(0, 2, 3, 1).numpy().astype(np.uint8), want)
     assert float(got.min()) >= 0 and float(got.max()) <= 255
+
+
+def test_random_shapes_equal_pillow():
+    """Sizes up and down on either axis, as frames of any shape meet a model's square."""
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        h, w, out_h, out_w = (int(x) for x in rng.integers(8, 90, 4))
+        frames = rng.integers(0, 256, (1, h, w, 3), dtype=np.uint8)
+        got = resize_like_pillow(torch.from_numpy(frames), (out_w, out_h))
+        assert np.array_equal(got.permute(0, 2, 3, 1).numpy().astype(np.uint8),
+                              _pillow(frames, (out_w, out_h))), (h, w, out_h, out_w)
 
 
 @pytest.fixture(scope="module")

@@ -79,11 +79,11 @@ class InternVLAdapter(TransformersAdapter):
         on_device = self.resize_on_device
         if on_device is None:
             on_device = self.device.type == "cuda"
-        if on_device and resize.exact():          # else this Pillow does something else
-            return self._pixels_on_device(frames)
+        size = (self._size, self._size)
+        if on_device and resize.exact(*frames.shape[1:3], size, self.device):
+            return self._pixels_on_device(frames)  # else this Pillow does something else here
         from PIL import Image
 
-        size = (self._size, self._size)
         out = [np.asarray(Image.fromarray(f).convert("RGB").resize(size, Image.BICUBIC),
                           dtype=np.float32) / 255.0 for f in frames]
         arr = (np.stack(out) - self._mean) / self._std                    # [N, S, S, 3]

@@ -4,11 +4,11 @@ device (InternVL's preprocessing, which SafeWatch defines with Pillow).
 Pillow resizes in two separable passes, each an 8-bit image: every output pixel is a weighted
 sum of the input pixels under a bicubic kernel (a = -0.5, support 2, widened by the scale when
 shrinking, so it antialiases), with the weights normalised and rounded to fixed point (22
-fractional bits), the sum rounded and clipped to 0..255. The horizontal pass runs first, except
-that Pillow 13 runs the vertical one first when the image widens and gets shorter
-(`pillow_order` checks what the installed Pillow does). Here each pass is one matrix product
-with those integer weights, in float64 (every product and sum is an integer below 2^53, so
-exact), then the same rounding and clipping: the result equals
+fractional bits), the sum rounded and clipped to 0..255. Which pass runs first depends on the
+sizes by an undocumented rule (Pillow 13: vertical first for portrait frames shrunk to a
+square, among others), so `pillow_order` asks the installed Pillow once per resolution. Here
+each pass is one matrix product with those integer weights, in float64 (every product and sum
+is an integer below 2^53, so exact), then the same rounding and clipping: the result equals
 `Image.resize(size, Image.BICUBIC)` exactly. torch's own antialiased bicubic does not (by up
 to 11 levels on 21% of the pixels of a noisy 640x480 frame, float path; up to 2 levels on its
 CPU-only uint8 path).
@@ -73,36 +73,41 @@ def _resize(chw: torch.Tensor, wx: torch.Tensor | None, wy: torch.Tensor | None,
     return horizontal(vertical(chw)) if vertical_first else vertical(horizontal(chw))
 
 
-@functools.lru_cache(maxsize=1)
-def pillow_order() -> bool | None:
-    """Which pass the installed Pillow runs first when an image widens and gets shorter
-    (Pillow 13 runs the vertical one first there; always horizontal first otherwise), found by
-    resizing one small noise image both ways: True vertical first, False horizontal first,
-    None when neither order reproduces it (then nothing here is exact; callers use Pillow)."""
+@functools.lru_cache(maxsize=64)
+def pillow_order(h: int, w: int, out_h: int, out_w: int, device: str = "cpu") -> bool | None:
+    """Which pass the installed Pillow runs first for this exact resize, found by resizing one
+    noise image of that shape with Pillow and both ways here (noise is the hardest case: one
+    wrong level shows): True vertical first, False horizontal first, None when neither order
+    reproduces Pillow (then callers use Pillow). Pillow 13 picks the order from the sizes by a
+    rule it does not document (vertical first for portrait frames shrunk to a square, for
+    instance), so it is asked rather than guessed; once per resolution."""
     from PIL import Image
 
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, (31, 17, 3), dtype=np.uint8)               # 17 wide, 31 tall
-    want = np.asarray(Image.fromarray(img).resize((64, 9), Image.BICUBIC))
-    chw = torch.from_numpy(img).permute(2, 0, 1).to(torch.float64)
-    wx = torch.from_numpy(pillow_weights(17, 64)).to(torch.float64)
-    wy = torch.from_numpy(pillow_weights(31, 9)).to(torch.float64)
-    for vertical_first in (True, False):
-        got = _resize(chw, wx, wy, vertical_first).permute(1, 2, 0).numpy()
-        if np.array_equal(got.astype(np.uint8), want):
+    if w == out_w or h == out_h:
+        return False                            # one pass only: the order does not matter
+    rng = np.random.default_rng(h * 7919 + w)
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    want = torch.from_numpy(np.asarray(Image.fromarray(img).resize((out_w, out_h),
+                                                                   Image.BICUBIC)))
+    chw = torch.from_numpy(img).to(device).permute(2, 0, 1).to(torch.float64)
+    wx = torch.from_numpy(pillow_weights(w, out_w)).to(device, torch.float64)
+    wy = torch.from_numpy(pillow_weights(h, out_h)).to(device, torch.float64)
+    for vertical_first in (False, True):
+        got = _resize(chw, wx, wy, vertical_first).permute(1, 2, 0).to("cpu", torch.uint8)
+        if torch.equal(got, want):
             return vertical_first
     return None
 
 
-def exact() -> bool:
-    """Whether `resize_like_pillow` reproduces the installed Pillow."""
-    return pillow_order() is not None
+def exact(h: int, w: int, size: tuple[int, int], device: str | torch.device = "cpu") -> bool:
+    """Whether `resize_like_pillow` reproduces the installed Pillow for [h, w] -> `size`."""
+    return pillow_order(h, w, size[1], size[0], str(device)) is not None
 
 
 def resize_like_pillow(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """[N, H, W, 3] uint8 (any device) -> [N, 3, out_h, out_w] float64 holding 0..255, equal
-    to Pillow's `resize((out_w, out_h), BICUBIC)` of each frame (where `exact()`). One frame
-    at a time, so the float64 copy stays one frame's worth."""
+    to Pillow's `resize((out_w, out_h), BICUBIC)` of each frame (where `exact(H, W, size)`).
+    One frame at a time, so the float64 copy stays one frame's worth."""
     out_w, out_h = size
     n, h, w, _ = frames.shape
     dev = frames.device
@@ -110,7 +115,7 @@ def resize_like_pillow(frames: torch.Tensor, size: tuple[int, int]) -> torch.Ten
           if w != out_w else None)                                       # Pillow skips a pass
     wy = (torch.from_numpy(pillow_weights(h, out_h)).to(dev, torch.float64)
           if h != out_h else None)
-    vertical_first = bool(pillow_order()) and out_w > w and out_h < h
+    vertical_first = bool(pillow_order(h, w, out_h, out_w, str(dev)))
     out = torch.empty(n, 3, out_h, out_w, dtype=torch.float64, device=dev)
     for i in range(n):
         out[i] = _resize(frames[i].permute(2, 0, 1).to(torch.float64), wx, wy, vertical_first)
