@@ -36,7 +36,9 @@ class SlotLayer(DynamicLayer):
     """One layer's keys and values in buffers allocated once, [B, H, capacity, D]: a forward
     writes its new entries into them in place (a slice copy, or a scatter when rows are out of
     step) and attention reads a view of the first `columns.width` columns. No `torch.cat` per
-    step, and no copy of the cache ever, unlike DynamicLayer."""
+    step, unlike DynamicLayer (which copies the whole cache at every step); the runner copies
+    entries only to prune them (`Batch.keep`), to take a row out (`Batch.row`) or, rarely, to
+    grow the buffers."""
 
     def __init__(self, columns: Columns, capacity: int):
         super().__init__()
@@ -78,6 +80,10 @@ class SlotLayer(DynamicLayer):
         self.keys, self.values = self.k_buf[:, :, :width], self.v_buf[:, :, :width]
 
     def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last -`tokens_to_remove` columns from view (a negative count, as 5.2x
+        takes it; 5.17's positive "keep n" is refused rather than misread)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass minus the columns to drop")
         if tokens_to_remove < 0 and self.is_initialized:
             self._view(self.keys.shape[-2] + tokens_to_remove)
 

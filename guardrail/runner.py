@@ -95,7 +95,8 @@ class Batch:
     The cache is allocated once per batch (`kvcache.SlotLayer`, room for every row's layout and
     `room` answer tokens) and each row's entries are kept together from column 0: row b holds
     `lengths[b]` entries, and a step writes row b's new tokens right after them. Rows in step
-    (equal lengths) write one slice; rows out of step write a scatter, and attention sees the
+    (equal lengths) write one slice; rows out of step write a scatter (a row's padding tokens
+    into one spare column past the capacity, so they never need room), and attention sees the
     columns past a row's end as padding."""
 
     def __init__(self, adapter: ModelAdapter, items: list[Item], room: int = 0):
@@ -105,11 +106,11 @@ class Batch:
         self._tables = _Tables(items, self.device, room)
         self._columns = Columns()
         self.capacity = self._tables.width
-        self.cache = preallocated(adapter.new_cache(), self._columns, self.capacity)
+        self.cache = preallocated(adapter.new_cache(), self._columns, self.capacity + 1)
         self.lengths = [0] * len(items)                      # cache entries per row
         self.slots = torch.empty(len(items), 0, dtype=torch.long, device=HOST)  # [B, K] host
-        self._keys = torch.full((len(items), self.capacity), -1, dtype=torch.long,
-                                device=self.device)          # [B, capacity] slot per column
+        self._keys = torch.full((len(items), self.capacity + 1), -1, dtype=torch.long,
+                                device=self.device)          # [B, capacity + 1] slot per column
         self.grown = 0                                       # times the buffers had to grow
         feats = [it.feats for it in items]
         self._embeds = torch.cat([f.embeds for f in feats]).to(self.device)  # [sum Nv, D]
@@ -129,8 +130,10 @@ class Batch:
         starts = torch.tensor(self.lengths, dtype=torch.long, device=HOST)
         counts = (idx >= 0).sum(1)
         in_step = bool((starts == starts[0]).all())
-        self._reserve(int(starts.max()) + n)
-        cols = starts[:, None] + torch.arange(n, device=HOST)            # [B, n] host
+        self._reserve(int((starts + counts).max()))
+        # row b's tokens go after its entries; its padding to the spare column
+        cols = torch.where(idx >= 0, starts[:, None] + torch.arange(n, device=HOST),
+                           self.capacity)                                # [B, n] host
         if in_step:
             q = idx.to(self.device, non_blocking=True)                   # the step's one copy
             self._keys[:, self.lengths[0]: self.lengths[0] + n] = q
@@ -141,9 +144,9 @@ class Batch:
             self._columns.cols = dcols
         self.lengths = (starts + counts).tolist()
         width = max(self.lengths)                  # columns the step's attention reads
-        keys = torch.full((len(new), int(starts.max()) + n), -1, dtype=torch.long, device=HOST)
+        keys = torch.full((len(new), width + 1), -1, dtype=torch.long, device=HOST)
         keys[:, : self.slots.shape[1]] = self.slots
-        keys.scatter_(1, cols, idx)
+        keys.scatter_(1, cols.clamp(max=width), idx)                     # padding: column K
         keys = keys[:, :width]                                           # [B, K] host
         self._columns.start, self._columns.width = int(starts[0]), width
         k = self._keys[:, :width]
@@ -275,8 +278,8 @@ class Batch:
         self.capacity = max(columns, self.capacity + self.capacity // 4)
         with torch.inference_mode():
             for layer in self.cache.layers:
-                layer.grow(self.capacity)
-        keys = torch.full((len(self.items), self.capacity), -1, dtype=torch.long,
+                layer.grow(self.capacity + 1)                            # + the spare column
+        keys = torch.full((len(self.items), self.capacity + 1), -1, dtype=torch.long,
                           device=self.device)
         keys[:, : self._keys.shape[1]] = self._keys
         self._keys = keys

@@ -218,3 +218,21 @@ def test_folded_sdpa_equals_attention_over_repeated_heads(n, mask_rows):
         attn_mask=mask, scale=0.3).transpose(1, 2)
     assert got.shape == (b, n, h, d)
     assert torch.allclose(got, want, atol=1e-6, rtol=0)
+
+
+def test_a_waiting_rows_padding_needs_no_room(engine, two_sizes):
+    """The longest row has used all its answer room and waits while a shorter row feeds a
+    block longer than the longest row's headroom: the padding of the waiting row goes to the
+    spare column, so nothing grows, and the fed row decodes as it does alone."""
+    eng = engine.with_config(layout="parallel")
+    clips = [v.clips[0] for v in two_sizes]
+    probe = _explain_batch(eng, clips)[0].items[1]
+    room = probe.layout.length - probe.probe_start + 10     # more than the headroom
+    batch, _ = _explain_batch(eng, clips, room=room)
+    assert batch.lengths[1] > batch.lengths[0]
+    batch.extend([[], [4] * room])                          # the long row fills its room
+    block = [5] * room
+    got = batch.extend([block, []])[0]                      # the short row: a long block
+    assert batch.grown == 0
+    alone, _ = _explain_batch(eng, clips[:1], room=room)
+    assert torch.allclose(got, alone.extend([block])[0], atol=1e-5, rtol=0)
