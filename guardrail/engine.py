@@ -144,7 +144,8 @@ def engine_class(name: str) -> type[GuardEngine]:
 class Prepared:
     """Videos with the host work of judging them done (`GuardEngine.prepare`): decoded, and
     for the transformers engine each window through the processor, the rope index and the
-    layout, its pixels in the model's dtype (pinned when the model is on CUDA). Handing it to
+    layout, its pixels in the model's dtype (pinned when the model is on CUDA; InternVL's are
+    resized on the GPU there, so already on the device). Handing it to
     `check_batch` leaves only model work; preparing the next group on another thread while
     the engine judges this one keeps the device fed across calls."""
 

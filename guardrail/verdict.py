@@ -59,8 +59,11 @@ class Pruning(_Schema):
 
 class Timing(_Schema):
     decode_video: float = Field(0.0, description="Decoding and preparing the frames.")
-    prefill: float = Field(0.0, description="Visual encoder and prompt prefill.")
-    verdict: float = Field(0.0, description="Reading every category's score.")
+    prefill: float = Field(0.0, description="Visual encoder and prompt prefill (the category "
+                           "probes too where they share its forward pass: parallel layout, no "
+                           "pruning).")
+    verdict: float = Field(0.0, description="Reading every category's score (and its forward "
+                           "pass where that is separate).")
     generate: float = Field(0.0, description="Generating the description and explanation "
                             "(0 in fast mode).")
     total: float = Field(0.0, description="Wall time for this video (a batch's time is shared "

@@ -61,13 +61,14 @@ FOLD_ROWS = 64   # masked steps of at most this many tokens per row: `folded_sdp
 
 def folded_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 mask: torch.Tensor, scaling: float) -> tuple[torch.Tensor, None]:
-    """sdpa over a masked step of few tokens (decoding rows out of step) under grouped-query
-    attention, without the copy of K/V per query head that transformers makes whenever a mask
-    is given (its `repeat_kv`: 7x the cache at Qwen2.5-VL-7B widths, each step). The G query
-    heads sharing a key/value head become G x n rows of one query against that head, the mask
-    repeated for them (G x n x K, small when n is). query [B, H, n, d], key/value
-    [B, H_kv, K, d], mask [B or 1, 1, n, K] additive. Returns ([B, n, H, d], None) as
-    transformers' attention functions do."""
+    """sdpa over a masked step of few tokens per row under grouped-query attention (decode
+    steps of rows out of step with our mask; several answer tokens after a cache with
+    transformers' causal mask), without the copy of K/V per query head that transformers makes
+    whenever a mask is given (its `repeat_kv`: 7x the cache at Qwen2.5-VL-7B widths, each
+    step). The G query heads sharing a key/value head become G x n rows of one query against
+    that head, the mask repeated for them (G x n x K, small when n is). query [B, H, n, d],
+    key/value [B, H_kv, K, d], mask [B or 1, 1, n, K] (additive or bool). Returns
+    ([B, n, H, d], None) as transformers' attention functions do."""
     b, h, n, d = query.shape
     h_kv, k_len = key.shape[1], key.shape[2]
     g = h // h_kv

@@ -48,7 +48,7 @@ class GuardModel:
     async def judge(self, item: Work) -> Verdict | GuardrailError:
         """One request: its host work (processor, rope index, layouts) on a thread, beside
         the batch the engine is running, then into the next batch."""
-        return await self._batch(await asyncio.to_thread(self.pool.prepared, item))
+        return await self._batch(await self.pool.ready(item))
 
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.02)
     async def _batch(self, items: list[Work]) -> list[Verdict | GuardrailError]:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -25,6 +26,7 @@ from guardrail.verdict import Verdict
 from guardrail.video import Video
 
 log = logging.getLogger("guardrail.serve")
+PREPARE_THREADS = 2        # per engine pool: requests prepared at once ahead of the engine
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,10 @@ class EnginePool:
         self._variants: OrderedDict[tuple, GuardEngine] = OrderedDict()
         self._lock = threading.Lock()  # GuardEngine is not thread-safe: one batch at a time
         self._variants_lock = threading.Lock()   # the LRU, also used by `prepared`
+        # preparing has threads of its own: a burst of arrivals must not hold up run_batch in
+        # asyncio's shared default pool
+        self._preparing = ThreadPoolExecutor(PREPARE_THREADS,
+                                             thread_name_prefix="guardrail-prepare")
         self.batches = 0
         self.items = 0
         self.max_batch = 0
@@ -142,8 +148,16 @@ class EnginePool:
         item goes on unprepared, and judging it reports the error as it always did."""
         try:
             return replace(item, prepared=self.variant(item.request).prepare([item.video]))
-        except Exception:
+        except GuardrailError:
             return item
+        except Exception:
+            log.warning("preparing a video failed; judging it unprepared", exc_info=True)
+            return item
+
+    async def ready(self, item: Work) -> Work:
+        """`prepared` on the pool's own preparing threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._preparing,
+                                                                self.prepared, item)
 
     def run_batch(self, items: list[Work], stop: threading.Event | None = None
                   ) -> list[Outcome]:
@@ -245,7 +259,7 @@ class LocalJudge:
         stop = threading.Event()
         try:
             # the host work first, beside whatever the engine is running now
-            work = await asyncio.to_thread(self.pool.prepared, Work(video, request))
+            work = await self.pool.ready(Work(video, request))
             async with self._turn:    # cancelled while waiting: dropped from the queue
                 (out,) = await asyncio.to_thread(self.pool.run_batch, [work], stop)
         except asyncio.CancelledError:  # timed out or the client left: drop the running work
