@@ -87,8 +87,8 @@ def pillow_order(h: int, w: int, out_h: int, out_w: int, device: str = "cpu") ->
         return False                            # one pass only: the order does not matter
     rng = np.random.default_rng(h * 7919 + w)
     img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    want = torch.from_numpy(np.asarray(Image.fromarray(img).resize((out_w, out_h),
-                                                                   Image.BICUBIC)))
+    want = torch.from_numpy(np.array(Image.fromarray(img).resize((out_w, out_h),
+                                                                 Image.BICUBIC)))  # writable
     chw = torch.from_numpy(img).to(device).permute(2, 0, 1).to(torch.float64)
     wx = torch.from_numpy(pillow_weights(w, out_w)).to(device, torch.float64)
     wy = torch.from_numpy(pillow_weights(h, out_h)).to(device, torch.float64)
