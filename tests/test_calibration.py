@@ -44,6 +44,19 @@ def test_fit_lowers_ece(method, slope, bias):
         cal.expected_calibration_error(test_scores, test_labels) / 3
 
 
+
+def write_predictions(path, n: int, seed: int) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """A predictions.jsonl of `n` verdicts over categories C1, C2 with `miscalibrated` scores
+    and labels, written at `path` (its folder made). Returns the verdicts, scores and labels."""
+    scores, labels = miscalibrated(n, seed=seed)
+    ids = ["C1", "C2"]
+    lines = [verdict_line(f"v{i}.mp4", [c for c, on in zip(ids, labels[i], strict=True) if on],
+                          dict(zip(ids, map(float, scores[i]), strict=True)))
+             for i in range(n)]
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return lines, scores, labels
+
 def test_apply_is_monotone_and_per_category():
     c = cal.Calibration("platt", {"C1": cal.Scaling(0.5, -1.0)})
     xs = np.linspace(0, 1, 101)
@@ -129,14 +142,8 @@ def test_calibrate_verdict_rederives_flags():
 
 
 def test_bench_calibrate_command(tmp_path):
-    scores, labels = miscalibrated(600, seed=3)
-    ids = ["C1", "C2"]
-    lines = [verdict_line(f"v{i}.mp4", [c for c, on in zip(ids, labels[i], strict=True) if on],
-                          dict(zip(ids, map(float, scores[i]), strict=True)))
-             for i in range(len(scores))]
     preds = tmp_path / "run" / "predictions.jsonl"
-    preds.parent.mkdir()
-    preds.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    lines, _, labels = write_predictions(preds, 600, seed=3)
     policy = tmp_path / "test.yaml"
     res = CliRunner().invoke(bench_app, ["calibrate", "--predictions", str(preds), "--policy",
                                          str(policy)])
@@ -201,14 +208,8 @@ def test_a_calibration_stays_with_the_run_and_out_of_the_shipped_policies(tmp_pa
     from guardrail.engine import GuardEngine
     from guardrail.shipped import shipped
 
-    scores, labels = miscalibrated(200, seed=5)
-    ids = ["C1", "C2"]
-    lines = [verdict_line(f"v{i}.mp4", [c for c, on in zip(ids, labels[i], strict=True) if on],
-                          dict(zip(ids, map(float, scores[i]), strict=True)))
-             for i in range(len(scores))]
     preds = tmp_path / "run" / "predictions.jsonl"
-    preds.parent.mkdir()
-    preds.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    _, scores, labels = write_predictions(preds, 200, seed=5)
     res = CliRunner().invoke(bench_app, ["calibrate", "--predictions", str(preds)])
     assert res.exit_code == 0, res.output
     assert cal.load(tmp_path / "run" / "test.calibration.json").policy_set == "test"
@@ -219,7 +220,7 @@ def test_a_calibration_stays_with_the_run_and_out_of_the_shipped_policies(tmp_pa
     assert not source.with_name("safewatch.calibration.json").exists()
     # a file there (written by hand, or by an older version) is not applied to the default set
     planted = source.with_name("safewatch.calibration.json")
-    fitted = cal.fit(scores, labels, ids, "temperature", policy_set="safewatch")
+    fitted = cal.fit(scores, labels, ["C1", "C2"], "temperature", policy_set="safewatch")
     cal.save(fitted, planted)
     try:
         engine = GuardEngine.from_pretrained(tiny_model(), calibration="auto")
