@@ -327,10 +327,6 @@ def batch_from_rows(adapter: ModelAdapter, rows: list[tuple[Item, Tensors, torch
                     room: int) -> Batch:
     """One batch from rows of earlier batches (item, tensors, slots [1, K_b], as `Batch.row`
     gives them), with `room` answer tokens per row."""
-    longest = max(int(s.shape[1]) for _, _, s in rows)
-    slots = torch.full((len(rows), longest), -1, dtype=torch.long, device=HOST)
-    for b, (_, _, s) in enumerate(rows):
-        slots[b, : s.shape[1]] = s[0]
     batch = Batch(adapter, [item for item, _, _ in rows], room=room)
-    batch.load(slots, [tensors for _, tensors, _ in rows])
+    batch.load(pad_rows([s[0] for _, _, s in rows]), [tensors for _, tensors, _ in rows])
     return batch
