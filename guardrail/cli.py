@@ -31,7 +31,7 @@ from guardrail.console import (
     quiet_transformers,
     vllm_settings,
 )
-from guardrail.errors import GuardrailError, PolicyError, UsageError, VideoError
+from guardrail.errors import PolicyError, UsageError, VideoError
 from guardrail.prompt import LAYOUTS
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -417,11 +417,7 @@ def check(
                 out.append((path, load_media(path, sampling, engine.config.limits, decoder)))
             except VideoError as error:
                 out.append((path, error))
-        good = [v for _, v in out if not isinstance(v, VideoError)]
-        try:
-            return out, engine.prepare(good) if good else None
-        except GuardrailError:
-            return out, None
+        return out, engine.prepare_or_none([v for _, v in out if not isinstance(v, VideoError)])
 
     batches = [videos[s: s + batch_size] for s in range(0, len(videos), batch_size)]
     with ProgressBar(enabled=not as_json and sys.stderr.isatty()) as bar:

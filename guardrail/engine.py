@@ -26,7 +26,7 @@ from guardrail.adapters.registry import resolve_placement
 from guardrail.calibration import Calibration, resolve
 from guardrail.chunk_cache import ChunkCache
 from guardrail.decode import Explanation, explain_batch, room
-from guardrail.errors import PromptTooLongError, UsageError
+from guardrail.errors import GuardrailError, PromptTooLongError, UsageError
 from guardrail.layout import (
     HOST,
     LAYOUTS,
@@ -271,6 +271,14 @@ class GuardEngine:
         return Prepared(decoded, decode_ms, self._prepare_windows(
             [clip for video in decoded for clip in video.clips]))
 
+    def prepare_or_none(self, videos: list[Video]) -> Prepared | None:
+        """`prepare`, or None for no videos or a group it refuses with a typed error (judging
+        the videos unprepared then reports that error where it always did)."""
+        try:
+            return self.prepare(videos) if videos else None
+        except GuardrailError:
+            return None
+
     def _decode_all(self, videos: Iterable[VideoSource | Video]
                     ) -> tuple[list[Video], list[float]]:
         decoded, decode_ms = [], []
@@ -297,9 +305,12 @@ class GuardEngine:
         results: list[list[WindowResult]] = [[] for _ in decoded]
         best: dict[int, tuple[float, tuple]] = {}     # video -> its top window (score, row)
         size = self.config.batch_size
-        parts = [windows[s: s + size] for s in range(0, len(windows), size)]
+
+        def batches(xs: list) -> list[list]:
+            return [xs[s: s + size] for s in range(0, len(xs), size)]
+        parts = batches(windows)
         if ready is not None:
-            ready = [ready[s: s + size] for s in range(0, len(windows), size)]
+            ready = batches(ready)
         done = 0
         for part, (res, batch) in zip(parts, self._run_all([[c for _, c in p] for p in parts],
                                                            ready), strict=True):

@@ -29,7 +29,7 @@ from guardrail.bench.predictions import (
     read_predictions,
     repair_tail,
 )
-from guardrail.errors import GuardrailError, UsageError, VideoError
+from guardrail.errors import UsageError, VideoError
 from guardrail.policy import PolicySet
 
 if TYPE_CHECKING:
@@ -104,9 +104,8 @@ Decoded = tuple[dict[int, "Outcome"], list[tuple[int, Any, float]], Any]
 def decode_group(config, items: list[Item], prepare: Callable | None = None) -> Decoded:
     """Decode each video of a group on its own (a bad one fails alone): the error outcomes by
     position, (position, Video, decode ms) of the readable ones, and `prepare` (an engine's
-    `prepare`) of those. No model work: runs ahead of the engine
-    (`guardrail.video.prefetch`). A group `prepare` refuses is judged unprepared, where the
-    engine reports the same error as before."""
+    `prepare_or_none`) of those. No model work: runs ahead of the engine
+    (`guardrail.video.prefetch`)."""
     from guardrail.video import load_video
 
     outcomes: dict[int, Outcome] = {}
@@ -122,12 +121,7 @@ def decode_group(config, items: list[Item], prepare: Callable | None = None) -> 
             outcomes[i] = _failed(item, error)
             continue
         decoded.append((i, video, (time.perf_counter() - t0) * 1e3))
-    prepared = None
-    if prepare is not None and decoded:
-        try:
-            prepared = prepare([video for _, video, _ in decoded])
-        except GuardrailError:
-            prepared = None
+    prepared = prepare([video for _, video, _ in decoded]) if prepare is not None else None
     return outcomes, decoded, prepared
 
 
@@ -230,7 +224,7 @@ class _judges:
             track = self.on_group or (lambda n: None)
             # decoded and prepared (processor, rope index, layouts) ahead of the engine
             self.feed = prefetch(self.groups, lambda g: decode_group(engine.config, g,
-                                                                     engine.prepare),
+                                                                     engine.prepare_or_none),
                                  ahead=self.ahead)
             return (o for group, ready in self.feed
                     for o in judge_decoded(engine, group, ready, track(len(group))))
